@@ -8,4 +8,11 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'pipeline_lib.config.load_settings': ('config.html#load_settings', 'pipeline_lib/config.py'),
                                      'pipeline_lib.config.read_yaml': ('config.html#read_yaml', 'pipeline_lib/config.py'),
                                      'pipeline_lib.config.repo_root': ('config.html#repo_root', 'pipeline_lib/config.py'),
-                                     'pipeline_lib.config.scratch_root': ('config.html#scratch_root', 'pipeline_lib/config.py')}}}
+                                     'pipeline_lib.config.scratch_root': ('config.html#scratch_root', 'pipeline_lib/config.py')},
+            'pipeline_lib.data': { 'pipeline_lib.data.DataError': ('data.html#dataerror', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.DataError.__init__': ('data.html#dataerror.__init__', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.duration_name': ('data.html#duration_name', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.infer_interval': ('data.html#infer_interval', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.is_intraday': ('data.html#is_intraday', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.session_ids': ('data.html#session_ids', 'pipeline_lib/data.py'),
+                                   'pipeline_lib.data.symbol_intervals': ('data.html#symbol_intervals', 'pipeline_lib/data.py')}}}
