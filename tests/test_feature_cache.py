@@ -1,0 +1,208 @@
+"""The feature cache: keys, hits without rebuilding, detection and rebuild of damaged entries, atomic writes."""
+import io
+import json
+import logging
+import threading
+import time
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import random_bars
+from pipeline_lib import feature_cache as fc
+from pipeline_lib import features as F
+
+
+@pytest.fixture
+def bars():
+    return random_bars(2, 400, seed=3)
+
+
+@pytest.fixture
+def counted_build(monkeypatch):
+    "Replace build_features by a cheap deterministic fake that counts its calls."
+    calls = []
+    def fake(bars, config=None):
+        calls.append(len(bars))
+        c = bars['close'].to_numpy()
+        return pd.DataFrame({f'fake_{i}': (np.log(c) * i).astype('float32') for i in range(1, 6)}, index=bars.index)
+    monkeypatch.setattr(F, 'build_features', fake)
+    return calls
+
+
+def _entry_files(cache_dir):
+    return sorted(p.name for p in fc.feature_cache_dir(cache_dir).iterdir())
+
+
+def test_fingerprint_sees_every_kind_of_change(bars):
+    fp = fc.data_fingerprint(bars)
+    assert fp == fc.data_fingerprint(bars.copy())
+    variants = {
+        'value': bars.assign(close=bars['close'].where(bars.index != 77, bars['close'] * (1 + 1e-12))),
+        'volume': bars.assign(volume=bars['volume'].where(bars.index != 5, bars['volume'] + 1)),
+        'timestamp': bars.assign(timestamp=bars['timestamp'].where(bars.index != 9, bars['timestamp'] + pd.Timedelta('1s'))),
+        'symbol': bars.assign(symbol=bars['symbol'].replace({'S01': 'S99'})),
+        'dtype': bars.astype({'volume': 'float32'}),
+        'column name': bars.rename(columns={'volume': 'vol'}),
+        'extra column': bars.assign(user_0=0.0),
+        'fewer rows': bars.iloc[:-1],
+        'index': bars.set_index(bars.index + 1),
+        'column order': bars[['symbol', 'timestamp', 'open', 'high', 'low', 'volume', 'close']],
+    }
+    fps = {k: fc.data_fingerprint(v) for k, v in variants.items()}
+    assert fp not in fps.values(), [k for k, v in fps.items() if v == fp]
+    assert len(set(fps.values())) == len(fps)
+
+
+def test_key_changes_with_data_config_and_library_version(bars, monkeypatch):
+    key = fc.cache_key(bars)
+    assert key == fc.cache_key(bars.copy()) == fc.cache_key(bars, None)
+    assert fc.cache_key(bars, F.normalise_feature_config(None)) == key  # explicit defaults share the entry
+    assert fc.cache_key(bars.assign(close=bars['close'] * 1.001)) != key
+    assert fc.cache_key(bars, _other_config()) != key
+    monkeypatch.setattr(F, 'FEATURE_LIBRARY_VERSION', str(F.FEATURE_LIBRARY_VERSION) + '+test')
+    assert fc.cache_key(bars) != key
+
+
+def _other_config():
+    "A valid feature config that differs from the default: the default without its first family."
+    norm = F.normalise_feature_config(None)
+    fams = list(F.FEATURE_FAMILIES)
+    other = F.normalise_feature_config({'families': fams[1:]}) if 'families' in str(norm) else None
+    assert other is not None and other != norm, 'could not construct a non-default feature config'
+    return other
+
+
+def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypatch):
+    real, calls = F.build_features, []
+    def counting(b, config=None):
+        calls.append(1)
+        return real(b, config)
+    monkeypatch.setattr(F, 'build_features', counting)
+    first = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1
+    pd.testing.assert_frame_equal(first, real(bars))
+    second = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    assert len(calls) == 1, 'a cache hit must not build features again'
+    pd.testing.assert_frame_equal(second, first, check_exact=True)
+    assert second.index.equals(bars.index)
+    key = fc.cache_key(bars)
+    assert _entry_files(tmp_path) == [f'{key}.json', f'{key}.parquet']
+    info = json.loads((fc.feature_cache_dir(tmp_path) / f'{key}.json').read_text())
+    assert info['rows'] == len(bars) and info['columns'] == list(map(str, first.columns))
+    assert info['sha256'] == fc.file_sha256(fc.feature_cache_dir(tmp_path) / f'{key}.parquet')
+    # a different config or different data is a different entry, built once
+    fc.cached_features(bars.iloc[:len(bars) // 2], cache_dir=tmp_path, progress=False)
+    assert len(calls) == 2 and len(_entry_files(tmp_path)) == 4
+
+
+def _truncate(p, s): p.write_bytes(p.read_bytes()[:-500])
+def _flip_byte(p, s):
+    raw = bytearray(p.read_bytes()); raw[len(raw) // 2] ^= 0x10; p.write_bytes(bytes(raw))
+def _drop_sidecar(p, s): s.unlink()
+def _garble_sidecar(p, s): s.write_text('{"key": ')
+def _drop_parquet(p, s): p.unlink()
+def _rehash(p, s, **changes):
+    info = json.loads(s.read_text()); info.update(bytes=p.stat().st_size, sha256=fc.file_sha256(p), **changes)
+    s.write_text(json.dumps(info))
+def _wrong_rows(p, s):  # a consistent (hash-valid) entry for a frame of another length
+    t = pq.read_table(p); pq.write_table(t.slice(0, t.num_rows - 3), p); _rehash(p, s, rows=t.num_rows - 3)
+def _wrong_columns(p, s):  # the parquet's columns differ from the sidecar's though its hash was updated
+    t = pq.read_table(p); pq.write_table(t.rename_columns(['x_' + c for c in t.column_names]), p); _rehash(p, s)
+
+
+@pytest.mark.parametrize('damage', [_truncate, _flip_byte, _drop_sidecar, _garble_sidecar, _drop_parquet,
+                                    _wrong_rows, _wrong_columns])
+def test_damaged_entry_is_detected_logged_and_rebuilt(bars, tmp_path, counted_build, caplog, damage):
+    good = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    p, s = fc.entry_paths(fc.cache_key(bars), tmp_path)
+    damage(p, s)
+    with pytest.raises(fc.FeatureCacheError):
+        fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
+    with caplog.at_level(logging.WARNING, logger=fc.log.name):
+        again = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    assert len(counted_build) == 2, 'a damaged entry must be rebuilt'
+    assert any('rebuilding' in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    pd.testing.assert_frame_equal(again, good)
+    frame, _ = fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))  # the rebuilt entry verifies
+    pd.testing.assert_frame_equal(frame.set_axis(bars.index), good)
+    fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    assert len(counted_build) == 2
+
+
+def test_crash_while_writing_leaves_no_entry_and_no_temp_file(bars, tmp_path, counted_build, monkeypatch, caplog):
+    real_write = pq.write_table
+    def dying(table, where, **kw):
+        buf = io.BytesIO(); real_write(table, buf, **kw)
+        with open(where, 'wb') as f: f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(fc.pq, 'write_table', dying)
+    with caplog.at_level(logging.WARNING, logger=fc.log.name):
+        out = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    assert len(out) == len(bars) and any('could not store' in r.getMessage() for r in caplog.records)
+    assert _entry_files(tmp_path) == [], 'neither a partial parquet nor a temp file may remain'
+    monkeypatch.setattr(fc.pq, 'write_table', real_write)
+    fc.cached_features(bars, cache_dir=tmp_path, progress=False)
+    fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
+
+
+def test_unwritable_cache_still_returns_features(bars, tmp_path, counted_build, caplog):
+    blocker = tmp_path / 'file'
+    blocker.write_text('not a folder')
+    with caplog.at_level(logging.WARNING, logger=fc.log.name):
+        out = fc.cached_features(bars, cache_dir=blocker, progress=False)
+    assert len(out) == len(bars) and len(counted_build) == 1
+    assert any('could not store' in r.getMessage() for r in caplog.records)
+
+
+def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
+    "Writers trickle their parquet out slowly; a reader polling the final name only ever sees complete files."
+    bars = random_bars(3, 3000, seed=5)
+    def fake(b, config=None):
+        c = np.log(b['close'].to_numpy())
+        return pd.DataFrame({f'fake_{i}': (c * i).astype('float32') for i in range(1, 40)}, index=b.index)
+    monkeypatch.setattr(F, 'build_features', fake)
+    real_write = pq.write_table
+    def slow(table, where, **kw):
+        buf = io.BytesIO(); real_write(table, buf, **kw)
+        data = buf.getvalue()
+        with open(where, 'wb') as f:
+            for i in range(0, len(data), len(data) // 8 + 1):
+                f.write(data[i:i + len(data) // 8 + 1]); f.flush(); time.sleep(0.01)
+    monkeypatch.setattr(fc.pq, 'write_table', slow)
+    p, _ = fc.entry_paths(fc.cache_key(bars), tmp_path)
+    seen = {'complete': 0, 'partial_temp': 0, 'bad': []}
+    done = threading.Event()
+    def poll():
+        while not done.is_set():
+            if p.exists():
+                try:
+                    n = pq.read_table(p).num_rows
+                    if n == len(bars): seen['complete'] += 1
+                    else: seen['bad'].append(f'{n} rows')
+                except Exception as e:  # noqa: BLE001 - any unreadable file under the final name is the failure
+                    seen['bad'].append(repr(e))
+            if p.parent.exists():
+                for t in p.parent.glob(f'.{p.name}.*.tmp'):
+                    try:
+                        if 0 < t.stat().st_size: seen['partial_temp'] += 1
+                    except FileNotFoundError: pass
+            time.sleep(0.002)
+    results, errors = [], []
+    def work():
+        try: results.append(fc.cached_features(bars, cache_dir=tmp_path, progress=False))
+        except Exception as e: errors.append(e)  # noqa: BLE001
+    poller = threading.Thread(target=poll); poller.start()
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for w in workers: w.start()
+    for w in workers: w.join()
+    time.sleep(0.05); done.set(); poller.join()
+    assert not errors and len(results) == 4
+    for r in results[1:]: pd.testing.assert_frame_equal(r, results[0])
+    assert seen['bad'] == [], f'a partial or foreign file was visible under the final name: {seen["bad"][:3]}'
+    assert seen['partial_temp'] > 0, 'the poller never saw a write in progress, so this test proved nothing'
+    assert seen['complete'] > 0
+    assert [n for n in _entry_files(tmp_path) if n.endswith('.tmp')] == []
+    fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
