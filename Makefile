@@ -16,7 +16,7 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev]"
 
 run: install
-	$(BIN)/python -m pipeline_lib.demo
+	$(BIN)/python run_notebooks.py
 
 # pytest's exit 5 (no tests collected) is a failure here, like every other non-zero exit.
 test: install-dev
