@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-dev run test sync-check
+.PHONY: install install-dev run test sync-check lab chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,3 +30,14 @@ sync-check: install-dev
 	@if [ -n "$$(git status --porcelain -- nbs pipeline_lib)" ]; then \
 	  echo "nbdev-clean/nbdev-export changed files: notebooks and pipeline_lib are out of sync:"; \
 	  git status --porcelain -- nbs pipeline_lib; exit 1; fi
+
+# JupyterLab from the repo root with the venv's kernel: notebooks run top to bottom on their defaults (cwd nbs/).
+lab: install
+	$(BIN)/jupyter lab
+
+# Debian's Chromium for tests/test_jupyterlab.py (Playwright drives it; nothing downloads a browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+	@chromium --version 2>/dev/null
