@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install install-dev run test sync-check lab chromium
 

@@ -5,6 +5,10 @@
 """
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')  # before LightGBM/OpenMP load: spinning threads starve 2 cores
+
 import numpy as np
 import pandas as pd
 import pytest
