@@ -204,3 +204,16 @@ def test_concurrent_merges_lose_no_key(tmp_path):
     assert set(data) == {'run'} | {f'{t}{i}' for t in ('p2_', 'p3_') for i in range(40)}
     assert data['p3_39'] == {'i': 39, 'x': None}
     assert [p.name for p in path.parent.iterdir()] == ['metrics.json']
+
+
+def test_other_library_versions_warn_or_refuse_before_unpickling(tmp_path, monkeypatch):
+    d = _write(tmp_path/'metadata')
+    manifest = json.loads((d/MANIFEST).read_text())
+    manifest['versions']['sklearn'] = '0.1.0'
+    (d/MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(joblib, 'load', lambda *a, **k: pytest.fail('unpickled before the version check'))
+    with pytest.warns(ArtifactWarning, match='sklearn 0.1.0'): verify_manifest(d)
+    with pytest.raises(ArtifactError, match='sklearn 0.1.0, this is'): verify_manifest(d, on_version='error')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        verify_manifest(d, on_version={'sklearn': 'ignore', 'pipeline_lib': 'error', '*': 'error'})
