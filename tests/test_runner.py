@@ -357,3 +357,31 @@ def test_report_problems_catches_contract_breaks(tmp_path):
                   'lightgbm__fwd_ret_5m': [0.1, 0.2]}).to_parquet(tmp_path/'predictions.parquet')
     probs = ' '.join(report_problems(tmp_path))
     assert "split labels ['oops']" in probs and 'duplicate' in probs and 'no realised target column fwd_ret_5m' in probs
+
+
+def test_readme_checklist_commands_work_on_a_run(quick, tmp_path):
+    "Every command of the README's verification checklist runs, as written, in a run's root and says what it promises."
+    if not quick['phases2']: pytest.skip('the checklist needs Phase 1 and Phase 2')
+    text = (REPO/'README.md').read_text()
+    block = text.split('<!-- checklist:start -->')[1].split('<!-- checklist:end -->')[0]
+    commands = [l for l in block.strip().strip('`').splitlines() if l.strip() and not l.startswith(('```', 'bash'))]
+    assert len(commands) >= 5
+    bin_dir = tmp_path/'bin'
+    bin_dir.mkdir()
+    (bin_dir/'python').write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # the README's `python` is the venv's
+    (bin_dir/'python').chmod(0o755)
+    shutil.copy(DRIVER, quick['root']/'run_notebooks.py')
+    env = {**os.environ, 'PIPELINE_ROOT': str(quick['root']), 'PATH': f'{bin_dir}{os.pathsep}{os.environ["PATH"]}'}
+    out = {}
+    for cmd in commands:
+        p = subprocess.run(['bash', '-c', cmd], cwd=quick['root'], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, f'{cmd}\n{p.stdout}\n{p.stderr}'
+        out[cmd.split('#')[0].strip()] = p.stdout
+    n = len(json.loads(next((quick['root']/'metadata').glob('top_*_features.json')).read_text())['features'])
+    assert f'top_{n}_features.json' in out['ls metadata/'] and 'manifest.json' in out['ls metadata/']
+    feature_line = next(v for k, v in out.items() if 'FeatureTransformer' in k)
+    assert feature_line.split()[0] == str(n + 11) and f'features: {n} selected' in feature_line
+    assert 'lightgbm_fwd_ret_5m.joblib' in out['ls output/core_models/']
+    show = out['python run_notebooks.py --show']
+    assert 'run quick' in show and re.search(r'lightgbm\s+-?\d\.\d{3}\s+-?\d\.\d{3}\s+-?\d\.\d{3}', show) and 'oracle' in show
+    assert 'quick' in out['python run_notebooks.py --list']
