@@ -150,8 +150,8 @@ def test_same_config_and_seed_give_the_same_result(twice):
     mb = json.loads((b['root']/'reports'/'metrics.json').read_text())
     diffs = numbers_close({k: ma[k] for k in ('phase1', 'phase2', 'oracle')}, {k: mb[k] for k in ('phase1', 'phase2', 'oracle')})
     assert not diffs, diffs[:10]
-    # the verdict sentences differ only in the timings they quote
-    strip = lambda v: [re.sub(r'[0-9.]+', '#', x) for x in v]
+    # the verdict sentences differ only in the timings they quote (and whether a timing crossed its 3x bar)
+    strip = lambda v: [re.sub(r'[0-9.]+', '#', x) for x in v if not re.search(r'faster|slower|time|second', x, re.I)]
     assert strip(ma['phase2'].get('verdict') or []) == strip(mb['phase2'].get('verdict') or [])
     # the artifacts that decide later phases are byte-identical too (the selected-feature list)
     fa, fb = (verify_manifest(x['root']/'metadata')['files'] for x in (a, b))
