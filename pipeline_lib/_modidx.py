@@ -686,6 +686,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'pipeline_lib/run_data.py'),
                                        'pipeline_lib.run_data._primary_horizon': ( 'run_data.html#_primary_horizon',
                                                                                    'pipeline_lib/run_data.py'),
+                                       'pipeline_lib.run_data.artifact_dirs': ('run_data.html#artifact_dirs', 'pipeline_lib/run_data.py'),
                                        'pipeline_lib.run_data.check_target': ('run_data.html#check_target', 'pipeline_lib/run_data.py'),
                                        'pipeline_lib.run_data.oracle_metrics': ('run_data.html#oracle_metrics', 'pipeline_lib/run_data.py'),
                                        'pipeline_lib.run_data.prepare_run_data': ( 'run_data.html#prepare_run_data',
