@@ -178,14 +178,3 @@ def test_mean_ci():
     ci = mean_ci([0.01, 0.03, None, float('nan'), 0.05])
     assert ci['n'] == 3 and ci['mean'] == pytest.approx(0.03) and ci['lo'] < 0.03 < ci['hi']
     assert mean_ci([0.02])['se'] is None and mean_ci([])['mean'] is None
-
-
-def test_demean_by_timestamp_uses_only_the_rows_given_and_keeps_nan():
-    from pipeline_lib.core_models import demean_by_timestamp
-    t = pd.to_datetime(['2024-01-02 09:30'] * 4 + ['2024-01-02 09:31'] * 2 + ['2024-01-02 09:32'] * 3)
-    y = np.array([1.0, 2.0, 3.0, np.nan, 5.0, 7.0, 1.0, 1.0, 4.0])
-    d = demean_by_timestamp(y, t)
-    assert np.allclose(d[:3], [-1.0, 0.0, 1.0]) and np.isnan(d[3])     # mean of the finite values only
-    assert np.allclose(d[4:6], [5.0, 7.0])                              # fewer than 3 values: left raw
-    assert np.allclose(d[6:], [-1.0, -1.0, 2.0]) and abs(np.nansum(d[:3])) < 1e-12
-    assert np.allclose(demean_by_timestamp(y[:3], t[:3]), [-1.0, 0.0, 1.0])   # a subset: only its own rows count

@@ -279,3 +279,31 @@ def _expected_failed_checks(estimator):
 @parametrize_with_checks([FeatureTransformer(**CHECK_PARAMS)], expected_failed_checks=_expected_failed_checks)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
+
+
+class _Captured(Exception):
+    pass
+
+
+@pytest.mark.parametrize('demean', [True, False])
+def test_phase1_ranks_features_for_the_target_phase2_fits(cfg, rd, monkeypatch, tmp_path, demean):
+    """The selection target is `fitting_targets` of the training rows: with targets.demean_returns the return minus its
+    per-timestamp mean over training rows (what Phases 2-3 fit), else the raw return."""
+    from pipeline_lib.config import deep_merge
+    seen = {}
+    def capture(self, X, y, **kw):
+        seen['y'], seen['ts'] = np.asarray(y, float), np.asarray(kw['timestamps'])
+        raise _Captured
+    monkeypatch.setattr(FeatureTransformer, 'fit', capture)
+    c = deep_merge(cfg, {'targets': {'demean_returns': demean}})
+    with pytest.raises(_Captured):
+        run_phase1(c, artifact_root=tmp_path, run_data=rd, progress=False)
+    tr = rd.rows('train')
+    raw = rd.targets[cfg['primary_target']].to_numpy(float)[tr]
+    y, ts = seen['y'], seen['ts']
+    assert len(y) == len(tr) and np.array_equal(np.isnan(y), np.isnan(raw))
+    means = pd.Series(y).groupby(ts).mean()
+    if demean:
+        assert means.abs().max() < 1e-12 and not np.allclose(y, raw, equal_nan=True)
+    else:
+        assert np.array_equal(y, raw, equal_nan=True)

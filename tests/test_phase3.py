@@ -188,3 +188,31 @@ def test_lookback_longer_than_the_splits_gaps_is_refused():
         phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': ['gru']}}))
     s = phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': {'cnn1d': {'channels': 8}}}}))
     assert s['models'] == {'cnn1d': {'channels': 8}}
+
+
+class _Captured(Exception):
+    pass
+
+
+def test_networks_are_trained_and_stopped_on_the_demeaned_return_of_their_block_only(run, monkeypatch):
+    """Phase 3 fits `fitting_targets` like Phase 2: the train and valid blocks each demeaned over their own rows,
+    and no test row's target is ever handed to the trainer."""
+    import pipeline_lib.phase3 as p3
+    from pipeline_lib.run_data import prepare_run_data
+    cfg, root, res = run
+    seen = {}
+    def capture(name, X, y, train_ends, valid_ends, *a, **kw):
+        seen.update(y=np.asarray(y, float), train=np.asarray(train_ends), valid=np.asarray(valid_ends))
+        raise _Captured
+    monkeypatch.setattr(p3, 'fit_sequence_model', capture)
+    rd = prepare_run_data(cfg, progress=False)
+    with pytest.raises(_Captured):
+        run_phase3(cfg, artifact_root=root, run_data=rd, progress=False)
+    y, lab, ts = seen['y'], rd.split.to_numpy(), rd.bars['timestamp'].to_numpy()
+    assert np.isnan(y[lab == 'test']).all() and np.isnan(y[lab == 'gap']).all()
+    raw = rd.targets[T].to_numpy(float)
+    for s in ('train', 'valid'):
+        r = rd.rows(s)
+        assert np.array_equal(np.isnan(y[r]), np.isnan(raw[r]))
+        assert pd.Series(y[r]).groupby(ts[r]).mean().abs().max() < 1e-12
+    assert np.isfinite(y[seen['train']]).all() and np.isfinite(y[seen['valid']]).all()

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline_lib.config import PipelineError
 from pipeline_lib.data import DataError
-from pipeline_lib.targets import (PATH_TARGETS, barrier_sigma, build_targets, max_horizon, target_horizon_bars,
-                                  target_names)
+from pipeline_lib.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_returns,
+                                  fitting_targets, max_horizon, target_horizon_bars, target_names)
 
 PATH_COLS = ['mfe', 'mdd', 'tth', 'tth_side']
 
@@ -350,3 +350,26 @@ def test_bad_input_names_symbol_column_and_row():
     for kw in ({'horizons': ()}, {'horizons': (5, 5)}, {'horizons': (0,)}, {'path_horizon': 0}, {'vol_window': 1},
                {'barrier_k': 0}, {'barrier_k': float('nan')}, {'horizons': (2.5,)}):
         with pytest.raises(PipelineError): build_targets(bars, **kw)
+
+
+def test_demean_by_timestamp_uses_only_the_rows_given_and_keeps_nan():
+    t = pd.to_datetime(['2024-01-02 09:30'] * 4 + ['2024-01-02 09:31'] * 2 + ['2024-01-02 09:32'] * 3)
+    y = np.array([1.0, 2.0, 3.0, np.nan, 5.0, 7.0, 1.0, 1.0, 4.0])
+    d = demean_by_timestamp(y, t)
+    assert np.allclose(d[:3], [-1.0, 0.0, 1.0]) and np.isnan(d[3])     # mean of the finite values only
+    assert np.allclose(d[4:6], [5.0, 7.0])                              # fewer than 3 values: left raw
+    assert np.allclose(d[6:], [-1.0, -1.0, 2.0]) and abs(np.nansum(d[:3])) < 1e-12
+    assert np.allclose(demean_by_timestamp(y[:3], t[:3]), [-1.0, 0.0, 1.0])   # a subset: only its own rows count
+
+
+def test_fitting_targets_demeans_returns_only_and_follows_the_config():
+    t = pd.to_datetime(['2024-01-02 09:30'] * 3 + ['2024-01-02 09:31'] * 3)
+    targets = pd.DataFrame({'fwd_ret_5m': [1.0, 2.0, 6.0, 0.0, 0.0, 3.0], 'mdd': [-0.1, -0.2, -0.3, -0.1, -0.2, -0.3]})
+    f = fitting_targets(targets, t)
+    assert np.allclose(f['fwd_ret_5m'], [-2.0, -1.0, 3.0, -1.0, -1.0, 2.0])
+    assert f['mdd'].equals(targets['mdd'])                                    # path targets are never demeaned
+    assert fitting_targets(targets, t, demean=False) is targets
+    assert targets['fwd_ret_5m'].tolist() == [1.0, 2.0, 6.0, 0.0, 0.0, 3.0]  # the input is not modified
+    assert demean_returns({}) is True and demean_returns({'targets': {'demean_returns': False}}) is False
+    with pytest.raises(PipelineError, match='targets.demean_returns'):
+        demean_returns({'targets': {'demean_returns': 'yes'}})

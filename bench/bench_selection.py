@@ -1,0 +1,83 @@
+"""Does Phase 1's selection cost test IC? The N-feature LightGBM against the all-features baseline over market seeds.
+
+One run's verdict compares the two models on one market: its paired day-block standard error covers the test
+days' noise, not the luck of that market's draw. This bench repeats the comparison on several embedded markets
+(`data.market.seed`), each through the production path (`run_phase1`, then `run_phase2` with the `lightgbm` and
+`baseline_all_features` models only), and summarises the paired test-IC differences across seeds.
+
+    .venv/bin/python bench/bench_selection.py                       # seeds 1-6, the default config
+    .venv/bin/python bench/bench_selection.py --seeds 1 2 3 7 --config configs/quick.yaml
+
+Per seed it prints both test ICs, the difference with its paired jackknife s.e. and t, the wall-time ratio, and
+whether the run's two checks (not lower beyond one s.e.; at least 3x faster) held. Then the mean difference over
+seeds with a t-interval (seeds are independent markets). Artifacts go to a scratch folder under .cache/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+ROOT = Path(__file__).resolve().parents[1]
+os.chdir(ROOT)
+
+from pipeline_lib.config import deep_merge, load_config, scratch_root  # noqa: E402
+from pipeline_lib.phase1 import run_phase1  # noqa: E402
+from pipeline_lib.phase2 import run_phase2  # noqa: E402
+
+
+def one_seed(base_cfg: dict, seed: int, root: Path) -> dict:
+    cfg = deep_merge(base_cfg, {'data': {'market': {'seed': int(seed)}},
+                                'phase2': {'models': ['lightgbm', 'baseline_all_features']}})
+    d = root/f'seed_{seed}'
+    t0 = time.perf_counter()
+    p1 = run_phase1(cfg, artifact_root=d, reports_dir=d/'reports', progress=False)
+    p2 = run_phase2(cfg, artifact_root=d, reports_dir=d/'reports', run_data=p1.data, progress=False)
+    c = p2.metrics['checks']
+    v = c['lightgbm_vs_baseline']
+    return {'seed': seed, 'ic_n': v['ic_a'], 'ic_all': v['ic_b'], 'diff': v['diff'], 'se': v['se'], 't': v['t'],
+            'speed_ratio_wall': c['speed_ratio_wall'], 'not_worse_ok': c['not_worse_ok'], 'speed_ok': c['speed_ok'],
+            'seconds': round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--seeds', type=int, nargs='+', default=[1, 2, 3, 4, 5, 6])
+    ap.add_argument('--config', default=None, help='experiment config (default: configs/experiment_defaults.yaml)')
+    ap.add_argument('--json', default=None, help='also write the rows and summary to this file')
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config)
+    root = scratch_root('bench_selection')
+    rows = []
+    print(f'{"seed":>4} {"IC N":>7} {"IC all":>7} {"diff":>8} {"s.e.":>7} {"t":>6} {"speed":>6}  checks')
+    for s in a.seeds:
+        r = one_seed(cfg, s, root)
+        rows.append(r)
+        print(f'{s:>4} {r["ic_n"]:7.4f} {r["ic_all"]:7.4f} {r["diff"]:+8.4f} {r["se"]:7.4f} {r["t"]:6.2f} '
+              f'{r["speed_ratio_wall"]:5.1f}x  not-worse {"ok" if r["not_worse_ok"] else "NO"}, '
+              f'3x {"ok" if r["speed_ok"] else "NO"}  ({r["seconds"]:.0f} s)', flush=True)
+    diffs = [r['diff'] for r in rows]
+    summary = {'n_seeds': len(rows), 'mean_diff': statistics.fmean(diffs),
+               'not_worse_ok': sum(r['not_worse_ok'] for r in rows), 'speed_ok': sum(r['speed_ok'] for r in rows),
+               'median_speed_ratio_wall': statistics.median(r['speed_ratio_wall'] for r in rows)}
+    if len(diffs) > 1:
+        from scipy import stats
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5
+        q = float(stats.t.ppf(0.975, len(diffs) - 1))
+        summary.update(se_across_seeds=se, ci95=[summary['mean_diff'] - q * se, summary['mean_diff'] + q * se])
+    print(f'\nmean difference (N features - all) over {len(rows)} seeds: {summary["mean_diff"]:+.4f}'
+          + (f', s.e. across seeds {summary["se_across_seeds"]:.4f}, 95% CI [{summary["ci95"][0]:+.4f}, '
+             f'{summary["ci95"][1]:+.4f}]' if 'ci95' in summary else ''))
+    print(f'not lower beyond one s.e.: {summary["not_worse_ok"]}/{len(rows)} seeds; at least 3x faster: '
+          f'{summary["speed_ok"]}/{len(rows)} (median {summary["median_speed_ratio_wall"]:.1f}x)')
+    if a.json: Path(a.json).write_text(json.dumps({'rows': rows, 'summary': summary}, indent=1))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
