@@ -197,6 +197,17 @@ def test_manifest_for_another_feature_config_refused(base, few, cfg):
     FeatureTransformer.load(base.metadata_dir, {'feature_config': cfg.get('features')})  # the right one loads
 
 
+def test_manifest_from_another_feature_library_version_refused(base, cfg, tmp_path):
+    import json
+    d = _copy_metadata(base, tmp_path)
+    m = json.loads((d/'manifest.json').read_text())
+    assert m['meta']['feature_library_version'] == phase1_expect(cfg)['feature_library_version']
+    m['meta']['feature_library_version'] = '0.9.0'
+    (d/'manifest.json').write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match='feature_library_version'):
+        FeatureTransformer.load(d, phase1_expect(cfg))
+
+
 def test_data_dir_run_has_no_oracle(tmp_path):
     "Bars from files: the same phase, no oracle (so no oracle bar and no `oracle` key), a user column among the features."
     from conftest import random_bars
