@@ -483,6 +483,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'pipeline_lib.metrics.jackknife_se': ('metrics.html#jackknife_se', 'pipeline_lib/metrics.py'),
                                       'pipeline_lib.metrics.json_safe': ('metrics.html#json_safe', 'pipeline_lib/metrics.py'),
                                       'pipeline_lib.metrics.pearson_with_se': ('metrics.html#pearson_with_se', 'pipeline_lib/metrics.py'),
+                                      'pipeline_lib.metrics.results_row': ('metrics.html#results_row', 'pipeline_lib/metrics.py'),
                                       'pipeline_lib.metrics.se_simulation': ('metrics.html#se_simulation', 'pipeline_lib/metrics.py'),
                                       'pipeline_lib.metrics.simulate_null_panel': ( 'metrics.html#simulate_null_panel',
                                                                                     'pipeline_lib/metrics.py')},
