@@ -17,7 +17,7 @@ import pandas as pd
 from numba import njit
 
 from .config import PipelineError
-from .data import BAR_COLUMNS, DataError
+from .data import BAR_COLUMNS, DataError, is_intraday, session_ids, symbol_intervals
 
 # %% auto #0
 __all__ = ['FEATURE_LIBRARY_VERSION', 'FEATURE_KINDS', 'FEATURE_FAMILIES', 'RECURSIVE_TOL', 'FEATURE_CONFIG_DEFAULT',
@@ -27,7 +27,7 @@ __all__ = ['FEATURE_LIBRARY_VERSION', 'FEATURE_KINDS', 'FEATURE_FAMILIES', 'RECU
            'feature_table']
 
 # %% ../nbs/03_features.ipynb #e5a1b47a
-FEATURE_LIBRARY_VERSION = '1.1.0'   # bump whenever a definition, warm-up or default changes (part of the cache key)
+FEATURE_LIBRARY_VERSION = '1.2.0'   # bump whenever a definition, warm-up or default changes (part of the cache key)
 FEATURE_KINDS = ('bar', 'rolling', 'recursive', 'calendar', 'cross_section')
 
 class FeatureError(PipelineError):
@@ -430,7 +430,7 @@ def _nb_cs_rank(x, order, bounds):
 class FeatureContext:
     "Stacked arrays of canonical bars (float64) and a memo of shared intermediates for the feature families."
     KEEP = {'ret', 'close_1', 'volume_1', 'high_1', 'low_1', 'logvol', 'dc', 'dv', 'tp', 'ts_code', 'ts_groups',
-            'new_session', 'tod_ns', 'mkt_ret', 'tod_order'}   # cheap-to-hold base series kept for the whole build
+            'new_session', 'day_no', 'tod_ns', 'mkt_ret', 'tod_order'}   # cheap-to-hold base series kept for the whole build
     def __init__(self, bars: pd.DataFrame, cfg: dict):
         self.cfg = cfg
         self.n = len(bars)
@@ -532,15 +532,26 @@ class FeatureContext:
         "EMA (restarting per symbol) of series `name` or of array `x` memoised under `name`."
         return self.get(('ewm', name, float(alpha)), lambda: _nb_ewm(self._arr(name, x), self.pos, float(alpha)))
 
-    # --- calendar and sessions (a session = a calendar day of one symbol) ---
+    # --- calendar and sessions (the targets' sessions: pipeline_lib.data.session_ids) ---
     @property
     def new_session(self) -> np.ndarray:
+        "True at each session's first row: `session_ids` intraday (a new date or a long gap); every row for daily bars."
+        def make():
+            # the median spacing, without infer_interval's checks: load_bars has made them, and a request may be short
+            interval = symbol_intervals(self.bars[['symbol', 'timestamp']]).median()
+            if pd.notna(interval) and not is_intraday(interval): return np.ones(self.n, bool)  # a daily bar is its own session
+            sid = session_ids(self.bars[['symbol', 'timestamp']], interval)
+            return np.r_[True, sid[1:] != sid[:-1]] if self.n else np.zeros(0, bool)
+        return self.get('new_session', make)
+    @property
+    def day_no(self) -> np.ndarray:
+        "Calendar-day number of each row, counted per symbol (the days of `vtod`'s same-time-of-day baseline)."
         def make():
             day = self.ts.astype('datetime64[D]')
             new = np.ones(self.n, bool)
             if self.n: new[1:] = (day[1:] != day[:-1]) | (self.pos[1:] == 0)
-            return new
-        return self.get('new_session', make)
+            return np.cumsum(new)
+        return self.get('day_no', make)
     @property
     def tod_ns(self) -> np.ndarray:
         return self.get('tod_ns', lambda: (self.ts - self.ts.astype('datetime64[D]')).astype(np.int64))
@@ -1169,12 +1180,12 @@ def _vwapd(ctx, p):
 
 @family('vtod', (3, 5, 10), lambda p, cfg: (_w(p) + 1) * cfg['bars_per_session'])
 def _vtod(ctx, p):
-    "volume / mean volume at the same time of day in the symbol's previous D sessions (those that have that bar)"
+    "volume / mean volume at the same time of day in the symbol's previous D days (those that have that bar)"
     def order():
         key = ctx.sym_code * np.int64(86_400_000_000_000) + ctx.tod_ns
         o = np.argsort(key, kind='stable')   # stable: keeps time order within (symbol, time of day)
         k = key[o]; new = np.ones(ctx.n, bool); new[1:] = k[1:] != k[:-1]
-        return o, new, np.ascontiguousarray(np.cumsum(ctx.new_session)[o])
+        return o, new, np.ascontiguousarray(ctx.day_no[o])
     o, new, sess = ctx.get('tod_order', order)
     vo = np.ascontiguousarray(ctx.volume[o])
     m = np.empty(ctx.n); m[o] = _nb_prev_sessions_mean(vo, new, sess, _w(p))

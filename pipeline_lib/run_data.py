@@ -18,10 +18,10 @@ from .feature_cache import cached_features, data_fingerprint
 from .market import make_market
 from .metrics import evaluate
 from .splits import SPLITS, make_split, split_summary
-from .targets import PATH_TARGETS, build_targets, max_horizon, target_horizon_bars
+from .targets import build_targets, fwd_ret_name, max_horizon
 
 # %% auto #0
-__all__ = ['RunData', 'check_target', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'oracle_metrics']
+__all__ = ['RunData', 'check_target', 'oracle_for', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'oracle_metrics']
 
 # %% ../nbs/09b_run_data.ipynb #f356f394
 @dataclass
@@ -35,6 +35,8 @@ class RunData:
     source: str                      # 'embedded' or the data path
     fingerprint: str
     oracle: pd.DataFrame | None = None   # embedded data only: `oracle`, `oracle_bound` for the primary target
+    oracle_target: str | None = None     # the target `oracle` is for (the primary target); None without an oracle
+    oracle_note: str | None = None       # why there is no oracle, for the reports (None when there is one)
     timings: dict = field(default_factory=dict)
 
     def rows(self, name: str) -> np.ndarray:
@@ -54,10 +56,13 @@ def check_target(name: str, available) -> str:
                             'Set primary_target (or phase targets) to one of them.')
     return name
 
-def _primary_horizon(cfg: dict, interval) -> int:
-    name = cfg['primary_target']
-    if name in PATH_TARGETS or name == 'tth_side': return int(cfg['targets']['horizons'][0])
-    return target_horizon_bars(name, interval, cfg['targets']['path_horizon'])
+def oracle_for(primary: str, oracle_target: str | None, source: str = 'embedded') -> tuple[bool, str | None]:
+    "(whether the run has an oracle for `primary`, a note for the reports when it has none)."
+    if oracle_target is None:
+        return False, (None if source == 'embedded' else 'no oracle: only the embedded market knows the truth')
+    if primary != oracle_target:
+        return False, f'no oracle for {primary}: the embedded oracle is for {oracle_target}'
+    return True, None
 
 # %% ../nbs/09b_run_data.ipynb #07460ff4
 def reduce_bars(bars: pd.DataFrame, oracle: pd.DataFrame | None, cfg: dict):
@@ -104,8 +109,11 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     targets = build_targets(bars, horizons=tc['horizons'], path_horizon=tc['path_horizon'],
                             barrier_k=tc['barrier_k'], vol_window=tc['vol_window'])
     check_target(cfg['primary_target'], targets.columns)
-    if oracle is not None and _primary_horizon(cfg, interval) != int(tc['horizons'][0]):
-        oracle = None  # the embedded oracle is for the first forward-return horizon only
+    # make_market computes its oracle for the first forward-return horizon; any other target has none
+    oracle_target = None if oracle is None else fwd_ret_name(int(tc['horizons'][0]), interval)
+    has_oracle, oracle_note = oracle_for(cfg['primary_target'], oracle_target, source)
+    if not has_oracle: oracle, oracle_target = None, None
+    if oracle_note: say(oracle_note)
     t['targets'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -118,7 +126,8 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     features = cached_features(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress)
     t['features'] = time.perf_counter() - t0
     return RunData(bars=bars, features=features, targets=targets, split=split, interval=interval, source=source,
-                   fingerprint=data_fingerprint(bars), oracle=oracle, timings=t)
+                   fingerprint=data_fingerprint(bars), oracle=oracle, oracle_target=oracle_target,
+                   oracle_note=oracle_note, timings=t)
 
 # %% ../nbs/09b_run_data.ipynb #ffe0b9fa
 def artifact_dirs(artifact_root=None, metadata_dir=None, output_dir=None, who: str = 'this phase') -> tuple[Path, Path]:
@@ -129,9 +138,12 @@ def artifact_dirs(artifact_root=None, metadata_dir=None, output_dir=None, who: s
             Path(output_dir) if output_dir is not None else Path(artifact_root)/'output')
 
 # %% ../nbs/09b_run_data.ipynb #771a362b
-def oracle_metrics(rd: RunData, target: str) -> dict | None:
-    "IC and n of the causal oracle and of the bound per split (`metrics.json`'s `oracle` key); None without an oracle."
-    if rd.oracle is None: return None
+def oracle_metrics(rd: RunData, target: str | None = None) -> dict | None:
+    """IC and n of the causal oracle and of the bound per split (`metrics.json`'s `oracle` key), for the target the
+    oracle was computed for (`rd.oracle_target`); None without an oracle or when `target` is another target."""
+    if rd.oracle is None or rd.oracle_target is None: return None
+    if target is not None and target != rd.oracle_target: return None
+    target = rd.oracle_target
     y = rd.targets[target].to_numpy()
     out = {target: {}, 'bound': {target: {}}}
     for name in SPLITS:

@@ -14,11 +14,12 @@ import numpy as np
 import pandas as pd
 
 from .config import PipelineError
-from .data import DataError, duration_name, infer_interval, session_ids
+from .data import DataError, duration_name, infer_interval, is_intraday, session_ids
 
 # %% auto #0
-__all__ = ['PATH_TARGETS', 'fwd_ret_name', 'target_names', 'max_horizon', 'target_horizon_bars', 'barrier_sigma', 'build_targets',
-           'demean_by_timestamp', 'fitting_targets', 'demean_returns']
+__all__ = ['PATH_TARGETS', 'DEMEAN_MIN_COUNT', 'fwd_ret_name', 'target_names', 'max_horizon', 'target_horizon_bars',
+           'barrier_sigma', 'build_targets', 'demean_by_timestamp', 'fitting_targets', 'demean_fallback_rows',
+           'demean_returns']
 
 # %% ../nbs/04_targets.ipynb #13d26158
 PATH_TARGETS = ('tth', 'mdd', 'mfe')
@@ -114,16 +115,23 @@ def _check_frame(bars: pd.DataFrame) -> None:
                         'use pipeline_lib.data.load_bars', column='timestamp',
                         symbol=None if i is None else sym[i], row=None if i is None else bars.index[i])
 
+def _last_of_block(new_block: np.ndarray) -> np.ndarray:
+    "For each row, the position of the last row of its block (blocks start where `new_block` is True)."
+    starts = np.flatnonzero(new_block)
+    return np.r_[starts[1:] - 1, len(new_block) - 1][np.cumsum(new_block) - 1].astype(np.int64)
+
 def _layout(bars, max_gap_bars):
-    "Interval, first-row-of-symbol and first-row-of-session flags, and each row's last row of its session."
+    """Interval, first-row-of-symbol and first-row-of-session flags, and each row's `reach`: the last row its horizon
+    may end on. Intraday, that is the end of its run of bars each exactly one interval after the previous inside
+    the session (a missing bar ends the run); daily bars count trading days, so it is the symbol's last row."""
     interval = infer_interval(bars)
     sid = session_ids(bars, interval, max_gap_bars)
-    n = len(bars)
     new_session = np.r_[True, sid[1:] != sid[:-1]]
     sym = bars['symbol'].to_numpy()
     new_symbol = np.r_[True, sym[1:] != sym[:-1]]
-    sess_end = np.r_[np.flatnonzero(new_session)[1:] - 1, n - 1][np.cumsum(new_session) - 1]
-    return interval, new_symbol, new_session, sess_end.astype(np.int64)
+    new_run = new_session.copy()
+    if is_intraday(interval): new_run |= (bars['timestamp'].diff() != interval).to_numpy()
+    return interval, new_symbol, new_session, _last_of_block(new_run)
 
 def barrier_sigma(bars: pd.DataFrame, vol_window: int = 60, max_gap_bars: int = 15) -> pd.Series:
     "`sigma_t` of the `tth` barriers: std of the symbol's last `vol_window` within-session 1-bar log returns up to t."
@@ -135,7 +143,7 @@ def barrier_sigma(bars: pd.DataFrame, vol_window: int = 60, max_gap_bars: int = 
 
 # %% ../nbs/04_targets.ipynb #413d92b7
 @_jit
-def _path_kernel(close, high, low, sess_end, sigma, horizon, k):
+def _path_kernel(close, high, low, reach, sigma, horizon, k):
     n = close.shape[0]
     mfe = np.full(n, np.nan)
     mdd = np.full(n, np.nan)
@@ -143,7 +151,7 @@ def _path_kernel(close, high, low, sess_end, sigma, horizon, k):
     side = np.full(n, np.nan)
     root_h = math.sqrt(horizon)
     for t in range(n):
-        if t + horizon > sess_end[t] or not np.isfinite(sigma[t]):
+        if t + horizon > reach[t] or not np.isfinite(sigma[t]):
             continue
         c = close[t]
         up = c * (1.0 + k * sigma[t] * root_h)
@@ -190,7 +198,7 @@ def build_targets(bars: pd.DataFrame, horizons=(5,), path_horizon: int = 30, bar
     if isinstance(barrier_k, bool) or not isinstance(barrier_k, numbers.Real) or not barrier_k > 0 or not math.isfinite(barrier_k):
         raise PipelineError(f'targets.barrier_k must be a positive number, got {barrier_k!r}')
     _check_frame(bars)
-    interval, new_symbol, new_session, sess_end = _layout(bars, max_gap_bars)
+    interval, new_symbol, new_session, reach = _layout(bars, max_gap_bars)
     n = len(bars)
     close = bars['close'].to_numpy(dtype=np.float64)
     high = bars['high'].to_numpy(dtype=np.float64)
@@ -200,25 +208,34 @@ def build_targets(bars: pd.DataFrame, horizons=(5,), path_horizon: int = 30, bar
     rows = np.arange(n)
     for h in hs:
         r = np.full(n, np.nan)
-        ok = rows + h <= sess_end
+        ok = rows + h <= reach
         r[ok] = np.log(close[rows[ok] + h] / close[ok])
         out[fwd_ret_name(h, interval)] = r
     sigma = _sigma_kernel(close, new_symbol, new_session, W)
-    mfe, mdd, tth, side = _path_kernel(close, high, low, sess_end, sigma, H, float(barrier_k))
+    mfe, mdd, tth, side = _path_kernel(close, high, low, reach, sigma, H, float(barrier_k))
     out.update(mfe=mfe, mdd=mdd, tth=tth, tth_side=side)
     return pd.DataFrame(out, index=bars.index)
 
 # %% ../nbs/04_targets.ipynb #0e4ed4ca
-def demean_by_timestamp(y, timestamps, min_count: int = 3) -> np.ndarray:
-    "`y` minus its mean over the finite values at the same timestamp, where there are >= `min_count`; NaN stays NaN."
-    y = np.asarray(y, dtype=float).ravel()
+DEMEAN_MIN_COUNT = 3   # fewer finite returns than this at a timestamp: no cross-sectional mean, the raw return is kept
+
+def _timestamp_means(y: np.ndarray, timestamps, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+    "(the mean of the finite `y` at each row's timestamp, 0 where fewer than `min_count`; the finite rows left raw)."
     g = pd.factorize(pd.DatetimeIndex(np.asarray(timestamps)))[0]
     if len(g) != len(y): raise PipelineError(f'y has {len(y)} rows but timestamps {len(g)}')
     ok = np.isfinite(y)
     n = np.bincount(g[ok], minlength=g.max() + 1 if len(g) else 0)
     s = np.bincount(g[ok], weights=y[ok], minlength=len(n))
-    with np.errstate(invalid='ignore', divide='ignore'): mean = np.where(n >= int(min_count), s / n, 0.0)
-    return y - mean[g]
+    enough = n >= int(min_count)
+    with np.errstate(invalid='ignore', divide='ignore'): mean = np.where(enough, s / n, 0.0)
+    return mean[g], ok & ~enough[g]
+
+def demean_by_timestamp(y, timestamps, min_count: int = DEMEAN_MIN_COUNT, return_fallback: bool = False):
+    """`y` minus its mean over the finite values at the same timestamp, where there are >= `min_count`; NaN stays NaN.
+    With `return_fallback`, also the mask of the finite rows that kept their raw value (too few at their timestamp)."""
+    y = np.asarray(y, dtype=float).ravel()
+    mean, fallback = _timestamp_means(y, timestamps, min_count)
+    return (y - mean, fallback) if return_fallback else y - mean
 
 def fitting_targets(targets: pd.DataFrame, timestamps, demean: bool = True) -> pd.DataFrame:
     """The targets models are fitted to on these rows: forward returns (`fwd_ret_*`) demeaned per timestamp over
@@ -229,8 +246,21 @@ def fitting_targets(targets: pd.DataFrame, timestamps, demean: bool = True) -> p
         if c.startswith('fwd_ret_'): out[c] = demean_by_timestamp(out[c].to_numpy(float), timestamps)
     return out
 
+def demean_fallback_rows(targets: pd.DataFrame, timestamps, blocks: dict, demean: bool = True) -> dict:
+    """`{target: {block: rows}}`: per forward-return column of `targets`, how many finite rows of each block (name ->
+    row positions) `fitting_targets` leaves raw because their timestamp has fewer than `DEMEAN_MIN_COUNT` finite
+    values in that block. `{}` without `demean` (nothing is demeaned) or without return columns."""
+    if not demean: return {}
+    ts = np.asarray(timestamps)
+    out = {}
+    for c in (c for c in targets.columns if c.startswith('fwd_ret_')):
+        y = targets[c].to_numpy(float)
+        out[c] = {name: int(demean_by_timestamp(y[r], ts[r], return_fallback=True)[1].sum()) for name, r in blocks.items()}
+    return out
+
 def demean_returns(cfg: dict | None) -> bool:
     "The run's `targets.demean_returns` (default True): whether `fitting_targets` demeans forward returns."
     v = ((cfg or {}).get('targets') or {}).get('demean_returns', True)
     if not isinstance(v, bool): raise PipelineError(f'targets.demean_returns must be true or false, got {v!r}')
     return v
+

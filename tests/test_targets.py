@@ -8,8 +8,9 @@ import pytest
 
 from pipeline_lib.config import PipelineError
 from pipeline_lib.data import DataError
-from pipeline_lib.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_returns,
-                                  fitting_targets, max_horizon, target_horizon_bars, target_names)
+from pipeline_lib.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_fallback_rows,
+                                  demean_returns, fitting_targets, max_horizon, target_horizon_bars, target_names)
+from conftest import random_bars as conftest_bars
 
 PATH_COLS = ['mfe', 'mdd', 'tth', 'tth_side']
 
@@ -36,15 +37,21 @@ def ref_sessions(bars, max_gap_bars):
 
 
 def ref_targets(bars, horizons, H, k, W, max_gap_bars):
-    sess, _ = ref_sessions(bars, max_gap_bars)
-    sym = bars['symbol'].tolist()
+    sess, interval = ref_sessions(bars, max_gap_bars)
+    sym, ts = bars['symbol'].tolist(), list(bars['timestamp'])
     c, hi, lo = bars['close'].tolist(), bars['high'].tolist(), bars['low'].tolist()
     n = len(c)
+
+    def complete(t, h):
+        "Rows t..t+h are in one session and, intraday, no bar is missing between them (each one interval after the last)."
+        if t + h >= n or sess[t + h] != sess[t]: return False
+        return interval >= pd.Timedelta('1D') or all(ts[j] - ts[j - 1] == interval for j in range(t + 1, t + h + 1))
+
     res = {f'h{h}': [math.nan] * n for h in horizons}
     res.update({name: [math.nan] * n for name in PATH_COLS})
     for t in range(n):
-        for h in horizons:  # close[t+h] must be in the same session
-            if t + h < n and sess[t + h] == sess[t]:
+        for h in horizons:  # close[t+h] must be in the same session, exactly h bars of time later
+            if complete(t, h):
                 res[f'h{h}'][t] = math.log(c[t + h] / c[t])
         # sigma_t: the last W one-bar log returns of this symbol up to t, skipping session-crossing ones
         rets, j = [], t
@@ -53,7 +60,7 @@ def ref_targets(bars, horizons, H, k, W, max_gap_bars):
             j -= 1
         if len(rets) < W: continue
         sigma = statistics.stdev(rets)
-        if not (t + H < n and sess[t + H] == sess[t]): continue
+        if not complete(t, H): continue
         up, dn = c[t] * (1 + k * sigma * math.sqrt(H)), c[t] * (1 - k * sigma * math.sqrt(H))
         res['mfe'][t] = max(hi[t + 1:t + H + 1]) / c[t] - 1
         falls = []
@@ -79,7 +86,7 @@ def _ohlc(rng, n, vol, start=None):
     return o, np.maximum(o, c) * np.exp(wick[0]), np.minimum(o, c) * np.exp(-wick[1]), c
 
 
-def random_bars(seed, n_symbols=4, max_days=5, with_short_symbol=True):
+def random_bars(seed, n_symbols=4, max_days=5, with_short_symbol=True, missing=0.05):
     "1-minute bars: random-length sessions (some shorter than H), missing bars, halts, nights, weekends."
     rng = np.random.default_rng(seed)
     frames = []
@@ -91,7 +98,7 @@ def random_bars(seed, n_symbols=4, max_days=5, with_short_symbol=True):
             if length > 40 and rng.random() < 0.5:  # a halt: 20-40 min (splits) or 5-12 min (does not, at 15)
                 cut = rng.integers(10, length - 10)
                 minutes = minutes + (minutes >= cut) * (rng.integers(20, 40) if rng.random() < 0.5 else rng.integers(5, 12))
-            minutes = minutes[(rng.random(minutes.size) > 0.05) | (np.arange(minutes.size) < 2)]
+            minutes = minutes[(rng.random(minutes.size) > missing) | (np.arange(minutes.size) < 2)]
             stamps.append(day + pd.Timedelta('9h30min') + pd.to_timedelta(minutes + int(rng.integers(0, 30)), 'min'))
             day += pd.Timedelta(days=int(rng.choice([1, 1, 1, 3, 4])))
         ts = stamps[0].append(stamps[1:])
@@ -128,28 +135,83 @@ def assert_matches_reference(bars, horizons, H, k, W, gap):
     (3, (2,), 5, 0.3, 4, 15),            # tiny barriers: side -1 from one-bar double touches is common
 ])
 def test_every_target_matches_plain_loop_reference(seed, horizons, H, k, W, gap):
-    bars = random_bars(seed)
+    bars = random_bars(seed, missing=0.01)   # few enough holes that H-bar windows without one are common
     got = assert_matches_reference(bars, horizons, H, k, W, gap)
     side = got['tth_side'].dropna()
-    assert got['mfe'].notna().sum() > 100 and set(side.unique()) == {-1.0, 0.0, 1.0}  # the data exercises all cases
+    assert got['mfe'].notna().sum() > 50 and set(side.unique()) == {-1.0, 0.0, 1.0}  # the data exercises all cases
 
 
 def test_targets_are_nan_exactly_where_the_horizon_is_incomplete():
     bars = random_bars(5)
     sess, _ = ref_sessions(bars, 15)
-    lengths = pd.Series(sess).value_counts().sort_index()
+    # runs: stretches of a session without a missing bar (each bar one minute after the last)
+    run = np.cumsum(np.r_[True, (np.diff(sess) != 0) | (np.diff(bars['timestamp'].to_numpy()) != np.timedelta64(1, 'm'))])
+    assert len(np.unique(run)) > len(np.unique(sess))          # the data has missing bars inside sessions
+    lengths = pd.Series(run).value_counts().sort_index()
     got = build_targets(bars, horizons=(1, 5, 40), path_horizon=30, vol_window=60)
     for h, name in zip((1, 5, 40), target_names((1, 5, 40), '1min')):
-        per_session = got[name].notna().groupby(np.asarray(sess)).sum()
-        assert (per_session == np.maximum(0, lengths - h)).all(), name
-    # path targets: at most L - H per session, exactly L - H once sigma exists; never filled
-    per_session = got['mfe'].notna().groupby(np.asarray(sess)).sum()
-    assert (per_session <= np.maximum(0, lengths - 30)).all()
+        per_run = got[name].notna().groupby(run).sum()
+        assert (per_run == np.maximum(0, lengths - h)).all(), name
+    # path targets: at most L - H per run, exactly L - H once sigma exists; never filled
+    per_run = got['mfe'].notna().groupby(run).sum()
+    assert (per_run <= np.maximum(0, lengths - 30)).all()
     sym = bars['symbol'].to_numpy()
     tail = bars.groupby('symbol').tail(30).index
     assert got.loc[tail, PATH_COLS].isna().all().all()  # end of symbol
     assert got[sym == 'ZZ'][PATH_COLS].isna().all().all()  # symbol shorter than vol_window
     assert (got[PATH_COLS].isna().nunique(axis=1) == 1).all()  # the four path targets share their rows
+
+
+def test_missing_minutes_match_the_reference_on_conftest_bars():
+    "The shared random bars (1% of minutes dropped, staggered symbols, nights): every target equals the plain loop."
+    bars = conftest_bars(n_symbols=3, n_bars=900, seed=4)
+    steps = bars.groupby('symbol')['timestamp'].diff()
+    assert (steps.between(pd.Timedelta('2min'), pd.Timedelta('15min'))).sum() >= 10   # holes inside sessions
+    got = assert_matches_reference(bars, (5, 17), 30, 2.0, 60, 15)
+    assert got['fwd_ret_5m'].notna().sum() > 1000 and got['mfe'].notna().sum() > 500
+
+
+def test_a_missing_bar_makes_every_window_over_it_nan_not_a_stretched_horizon():
+    c = 100 * np.exp(np.cumsum(np.random.default_rng(1).normal(0, 1e-3, 60)))
+    full = _frame(c, c * 1.001, c * 0.999)
+    holed = full.drop(index=40).reset_index(drop=True)                     # 10:10 is missing
+    H, h = 8, 5
+    g_full = build_targets(full, horizons=(h,), path_horizon=H, vol_window=10)
+    got = build_targets(holed, horizons=(h,), path_horizon=H, vol_window=10)
+    # rows 35..39 (before the hole) would reach across it: NaN, not close[t+5 rows] (6 minutes later)
+    assert got['fwd_ret_5m'].iloc[35:40].isna().all() and got['fwd_ret_5m'].iloc[:35].notna().all()
+    assert got['fwd_ret_5m'].iloc[40:54].notna().all()                     # after the hole: complete again
+    assert np.allclose(got['fwd_ret_5m'].iloc[:35], g_full['fwd_ret_5m'].iloc[:35])
+    for col in PATH_COLS:                                                   # the path targets: the same rule over t+1..t+H
+        assert got[col].iloc[32:40].isna().all(), col
+        assert got[col].iloc[10:32].notna().all() and got[col].iloc[40:51].notna().all(), col
+    # daily bars count trading days: a weekend or holiday is not a missing bar
+    days = pd.bdate_range('2024-01-02', periods=61).delete(17)              # weekends and a holiday
+    daily = _frame(c, c * 1.01, c * 0.99, timestamps=days)
+    assert build_targets(daily, horizons=(h,), path_horizon=H, vol_window=10)['fwd_ret_5d'].notna().sum() == len(c) - h
+
+
+def test_demean_fallback_rows_counts_timestamps_with_too_few_symbols():
+    rng = np.random.default_rng(0)
+    ts = pd.date_range('2024-01-02 09:30', periods=40, freq='1min')
+    rows = [(t, s) for t in ts for s in 'ABCDE' if rng.random() < 0.55]        # 0-5 symbols a timestamp
+    frame = pd.DataFrame(rows, columns=['timestamp', 'symbol'])
+    frame['fwd_ret_5m'] = rng.normal(size=len(frame))
+    frame.loc[rng.random(len(frame)) < 0.1, 'fwd_ret_5m'] = np.nan
+    frame['mdd'] = -rng.random(len(frame))
+    finite_per_ts = frame.groupby('timestamp')['fwd_ret_5m'].transform('count')
+    want = int((frame['fwd_ret_5m'].notna() & (finite_per_ts < 3)).sum())
+    assert 0 < want < frame['fwd_ret_5m'].notna().sum()                       # both kinds of timestamp exist
+    d, raw = demean_by_timestamp(frame['fwd_ret_5m'], frame['timestamp'], return_fallback=True)
+    assert raw.sum() == want and np.array_equal(d[raw], frame['fwd_ret_5m'].to_numpy()[raw])
+    assert not np.allclose(d[~raw & frame['fwd_ret_5m'].notna().to_numpy()],
+                           frame['fwd_ret_5m'].to_numpy()[~raw & frame['fwd_ret_5m'].notna().to_numpy()])
+    half = np.arange(len(frame) // 2)                                           # each block counted on its own rows
+    want_half = int((frame['fwd_ret_5m'].iloc[half].notna()
+                     & (frame.iloc[half].groupby('timestamp')['fwd_ret_5m'].transform('count') < 3)).sum())
+    got = demean_fallback_rows(frame[['fwd_ret_5m', 'mdd']], frame['timestamp'], {'train': np.arange(len(frame)), 'half': half})
+    assert got == {'fwd_ret_5m': {'train': want, 'half': want_half}}           # path targets are never demeaned
+    assert demean_fallback_rows(frame[['fwd_ret_5m']], frame['timestamp'], {'train': half}, demean=False) == {}
 
 
 # ---------------------------------------------------------------- edge cases built on purpose
@@ -174,9 +236,12 @@ def test_session_gap_inside_the_window_gives_nan_not_a_crossing_value():
     got = build_targets(bars, horizons=(5,), path_horizon=10, vol_window=5, max_gap_bars=15)
     assert got['fwd_ret_5m'].isna().tolist() == ([False] * 35 + [True] * 5) * 2
     assert got['mfe'].iloc[30:40].isna().all() and got['mfe'].iloc[29:30].notna().all()
-    # with max_gap_bars above the halt it is one session and the window crosses it
+    # with max_gap_bars above the halt it is one session (sigma_t reads across it), but a window over the halt
+    # misses bars, so it is still NaN rather than a 5-row return spanning 25 minutes
     one = build_targets(bars, horizons=(5,), path_horizon=10, vol_window=5, max_gap_bars=30)
-    assert one['fwd_ret_5m'].isna().sum() == 5 and np.isclose(one.loc[37, 'fwd_ret_5m'], np.log(c[42] / c[37]))
+    assert one['fwd_ret_5m'].isna().tolist() == ([False] * 35 + [True] * 5) * 2
+    assert one['mfe'].iloc[30:40].isna().all() and one['mfe'].iloc[40:70].notna().all()
+    assert (barrier_sigma(bars, 5, max_gap_bars=30).iloc[40:45] != barrier_sigma(bars, 5, max_gap_bars=15).iloc[40:45]).all()
     # overnight: the same bars on two dates always split
     ts2 = pd.date_range('2024-01-02 15:20', periods=40, freq='1min').append(
         pd.date_range('2024-01-03 09:30', periods=40, freq='1min'))
