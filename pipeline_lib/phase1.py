@@ -26,7 +26,7 @@ from .config import PipelineError, config_hash, deep_merge, load_settings
 from .features import FEATURE_LIBRARY_VERSION, normalise_feature_config
 from .regimes import RegimeModel, regime_names, regime_stats, transition_matrix
 from .selection import PHASE1_DEFAULTS, select_on_train, selection_params
-from .targets import PATH_TARGETS, demean_returns, fitting_targets, target_horizon_bars
+from .targets import PATH_TARGETS, demean_fallback_rows, demean_returns, fitting_targets, target_horizon_bars
 from .vae import VAEEncoder
 
 # %% auto #0
@@ -499,8 +499,10 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
         + (' (demeaned per timestamp)' if demean else ''))
     t0 = time.perf_counter()
+    # the oracle's leakage bar only for the target it was computed for (a return oracle says nothing about mdd)
+    own_oracle = rd.oracle is not None and getattr(rd, 'oracle_target', None) == target
     ft.fit(rd.features.iloc[tr], y, timestamps=ts.iloc[tr], symbols=sym.iloc[tr],
-           oracle=None if rd.oracle is None else rd.oracle['oracle'].iloc[tr])
+           oracle=rd.oracle['oracle'].iloc[tr] if own_oracle else None)
     timings['fit'] = time.perf_counter() - t0
     timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
     say(f'phase 1: {ft.selection_.message}')
@@ -525,6 +527,9 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     seconds = time.perf_counter() - t_start
     metrics = phase1_metrics(ft, extra, seconds, timings)
     metrics['target'] = {'name': target, 'demeaned': demean}
+    metrics['leakage']['threshold_setting'] = 'phase1.leakage.' + ('path_threshold' if is_path_target(target) else 'threshold')
+    metrics['oracle_note'] = getattr(rd, 'oracle_note', None)
+    metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], ts.to_numpy(), {'train': tr}, demean)
     metrics['metadata_dir'] = str(metadata_dir)
     metrics['top_features_file'] = top_features_file(ft.n_selected_)
     if reports_dir is not None:

@@ -24,7 +24,8 @@ from .core_models import (LGBM_PARAMS, EARLY_STOPPING_ROUNDS, RIDGE_ALPHAS, Ense
 from .metrics import SPLITS, backtest, evaluate, evaluate_splits, json_safe, results_row
 from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
 from .splits import purged_walk_forward
-from .targets import PATH_TARGETS, demean_returns, fitting_targets, max_horizon, target_horizon_bars
+from .targets import (PATH_TARGETS, demean_fallback_rows, demean_returns, fitting_targets, max_horizon,
+                                  target_horizon_bars)
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'PHASE2_DEFAULTS', 'KEYS', 'CORE_DIR', 'phase2_settings',
@@ -189,9 +190,9 @@ def prediction_frame(rd: RunData, preds: dict, rows: np.ndarray, primary: str) -
     df = pd.DataFrame({'symbol': rd.bars['symbol'].to_numpy()[rows], 'timestamp': rd.bars['timestamp'].to_numpy()[rows],
                        'split': rd.split.to_numpy()[rows]})
     for c in rd.targets.columns: df[c] = rd.targets[c].to_numpy()[rows]
-    if rd.oracle is not None:
-        df[f'oracle__{primary}'] = rd.oracle['oracle'].to_numpy()[rows]
-        df[f'oracle_bound__{primary}'] = rd.oracle['oracle_bound'].to_numpy()[rows]
+    if rd.oracle is not None and rd.oracle_target is not None:   # named for the target it was computed for
+        df[f'oracle__{rd.oracle_target}'] = rd.oracle['oracle'].to_numpy()[rows]
+        df[f'oracle_bound__{rd.oracle_target}'] = rd.oracle['oracle_bound'].to_numpy()[rows]
     for k in sorted(preds, key=lambda k: (MODEL_NAMES.index(k.split('__')[0]) if k.split('__')[0] in MODEL_NAMES else 99, k)):
         df[k] = np.asarray(preds[k], dtype=np.float64)
     return df
@@ -580,6 +581,10 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
                'n_raw_features': int(rd.features.shape[1]), 'targets': lgbm_targets, 'heads': heads,
                'settings': clean, 'output_dir': str(core_dir), 'metadata_dir': str(metadata_dir)}
     if wf is not None: metrics['walk_forward'] = wf
+    fitted = [c for c in rd.targets.columns if c in set(lgbm_targets) | set(heads)]
+    metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[fitted], rd.bars['timestamp'].to_numpy(),
+                                                           {s: rd.rows(s) for s in ('train', 'valid')}, settings['demean_returns'])
+    metrics['oracle_note'] = getattr(rd, 'oracle_note', None)
     metrics = json_safe(metrics)
     if reports_dir is not None:
         reports_dir = Path(reports_dir)
