@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.data import DataError
+from pipeline_lib.data import DataError, session_ids
 from pipeline_lib.features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
                                    FeatureFamily, build_features, ewm_warmup, feature_names, feature_warmup,
                                    normalise_feature_config, random_bars, register_family, unregister_family)
@@ -288,6 +288,33 @@ def test_time_features(bars, feats):
     check(feats, bars, 'time_dow', ts.dt.day_of_week)
     first = bars.groupby(['symbol', ts.dt.date])['timestamp'].transform('min')
     check(feats, bars, 'time_since_open', (ts - first).dt.total_seconds() / 60)
+
+
+def test_features_and_targets_share_one_session_definition():
+    "Session starts of the features (time_since_open == 0) are session_ids' (the targets'): new days, and a lunch break > 15 bars."
+    from pipeline_lib.targets import build_targets
+    b = random_bars(2, 3 * 390, seed=5)
+    t, day = b['timestamp'], b['timestamp'].dt.normalize()
+    days = np.sort(day.unique())
+    lunch = (day == days[1]) & t.dt.strftime('%H:%M').between('12:00', '12:29')            # 30 bars: a new session
+    short = (day == days[2]) & t.dt.strftime('%H:%M').between('12:00', '12:09')            # 10 bars: the same session
+    b = b[~(lunch | short).to_numpy()].reset_index(drop=True)
+    sid = session_ids(b)
+    new = np.r_[True, sid[1:] != sid[:-1]]
+    after_lunch = (b['timestamp'].dt.normalize() == days[1]) & (b['timestamp'].dt.strftime('%H:%M') == '12:30')
+    after_short = (b['timestamp'].dt.normalize() == days[2]) & (b['timestamp'].dt.strftime('%H:%M') == '12:10')
+    assert new[after_lunch.to_numpy()].all() and not new[after_short.to_numpy()].any()      # the definition itself
+    F = build_features(b, {'families': ['time', 'sess'], 'bars_per_session': 1})
+    since = F['time_since_open'].to_numpy(np.float64)
+    ok = np.isfinite(since)                                        # the symbol's first row is warm-up
+    assert ok.sum() > len(b) - 4 and np.array_equal(since[ok] == 0, new[ok])
+    sess_ret = F['sess_ret'].to_numpy(np.float64)                  # measured from the new session's first open
+    assert np.allclose(sess_ret[new & ok], np.log(b['close'] / b['open']).to_numpy()[new & ok], atol=1e-6)
+    # and the targets never reach from one of these sessions into the next
+    y = build_targets(b, horizons=(3,), path_horizon=5, vol_window=10)['fwd_ret_3m'].to_numpy()
+    last3 = np.zeros(len(b), bool)
+    for k in range(1, 4): last3[np.flatnonzero(new)[1:] - k] = True
+    assert np.isnan(y[last3]).all()
 
 
 def test_cross_section(bars, feats):
