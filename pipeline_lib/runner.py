@@ -1436,6 +1436,7 @@ def show_run(run: str | None = None, reports_dir=None, say=_say) -> dict:
     if oracle:
         rows['oracle'] = {s: (oracle.get(s) or {}).get('ic') for s in ('train', 'valid', 'test')}
         say(f'{"oracle (causal)":<24}' + ''.join(f'{_f(rows["oracle"][s], 3):>10}' for s in ('train', 'valid', 'test')))
+    elif p1.get('oracle_note'): say(p1['oracle_note'])   # e.g. a path target: the embedded oracle is for a return
     return rows
 
 # %% ../nbs/90_runner.ipynb #5898919f
