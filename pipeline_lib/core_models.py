@@ -20,9 +20,9 @@ from .metrics import _corr_from_sums, _corr_sums, block_labels, jackknife_se
 from .train import available_cpus, fit_torch, masked_mse, predict_torch, seed_everything
 
 # %% auto #0
-__all__ = ['LGBM_PARAMS', 'LGBM_FIXED', 'EARLY_STOPPING_ROUNDS', 'RIDGE_ALPHAS', 'TabularScaler', 'LGBMFit', 'fit_lgbm',
-           'MultiTaskNet', 'censored_mse', 'MultiTaskLoss', 'MultiTaskModel', 'RidgeFit', 'fit_ridge',
-           'simplex_weights', 'Ensemble', 'fit_ensemble', 'paired_ic_difference', 'mean_ci']
+__all__ = ['LGBM_PARAMS', 'LGBM_FIXED', 'EARLY_STOPPING_ROUNDS', 'RIDGE_ALPHAS', 'ENSEMBLE_FOLDS', 'TabularScaler', 'LGBMFit',
+           'fit_lgbm', 'MultiTaskNet', 'censored_mse', 'MultiTaskLoss', 'MultiTaskModel', 'RidgeFit', 'fit_ridge',
+           'simplex_weights', 'day_blocks', 'Ensemble', 'fit_ensemble', 'paired_ic_difference', 'mean_ci']
 
 # %% ../nbs/20a_core_models.ipynb #cc44d54c
 class TabularScaler:
@@ -341,6 +341,8 @@ def _fit_ridge(X_train, y_train, X_valid, y_valid, alphas, categorical, target, 
                     seconds=time.perf_counter() - t0)
 
 # %% ../nbs/20a_core_models.ipynb #0bbf103d
+ENSEMBLE_FOLDS = 5   # day blocks of the validation rows for the out-of-fold weights
+
 def simplex_weights(P, y) -> np.ndarray:
     "Non-negative weights summing to 1 that minimise ||(P - mean) w - (y - mean)||^2 over rows where all are finite."
     from scipy.optimize import nnls
@@ -356,29 +358,81 @@ def simplex_weights(P, y) -> np.ndarray:
     w, _ = nnls(np.vstack([Pc, np.full((1, k), big)]), np.r_[yc, big], maxiter=50 * k)
     return np.full(k, 1.0 / k) if w.sum() <= 0 else w / w.sum()
 
+def day_blocks(timestamps, n_blocks: int = ENSEMBLE_FOLDS) -> np.ndarray:
+    """Block 0..k-1 per row: the rows' days (`metrics.block_labels`: weeks or months for daily bars) in time order, cut
+    into at most `n_blocks` contiguous groups; with a single day, its distinct timestamps are cut instead."""
+    ts = pd.DatetimeIndex(np.asarray(timestamps))
+    if len(ts) == 0: return np.zeros(0, np.int64)
+    unit = block_labels(ts)
+    if unit.max() < 1: unit = pd.factorize(ts.asi8, sort=True)[0]
+    first = pd.Series(ts.asi8).groupby(unit).min()                 # each unit's first timestamp: its place in time
+    order = np.empty(len(first), np.int64)
+    order[first.sort_values(kind='stable').index.to_numpy()] = np.arange(len(first))
+    k = max(1, min(int(n_blocks), len(first)))
+    return (order[unit] * k // len(first)).astype(np.int64)
+
 @dataclass
 class Ensemble:
-    "A fixed convex combination of named members' predictions for one target."
+    """A fixed convex combination of named members' predictions for one target. `weights` are fitted on all validation
+    rows (used on test and in production); `folds` hold the out-of-fold weights of each validation day block."""
     members: list
     weights: list
     target: str | None = None
     n_fit: int = 0
+    folds: list = field(default_factory=list)   # [{'first', 'last' (timestamps), 'weights': {member: w}, 'n_fit'}]
+    purge_bars: int = 0
 
     def predict(self, preds) -> np.ndarray:
         "`preds`: a DataFrame or dict with one column/array per member."
+        return self._mix(preds, self.weights)
+
+    def predict_out_of_fold(self, preds, timestamps) -> np.ndarray:
+        """Validation rows' predictions, each from the weights of its own day block, which were fitted without that
+        block: out of sample for the weights. NaN for a row in no block (not a validation row)."""
+        folds = getattr(self, 'folds', None)
+        if not folds: raise PipelineError('This ensemble has no out-of-fold weights (fitted without timestamps)')
+        ts = pd.DatetimeIndex(np.asarray(timestamps)).as_unit('ns').asi8
+        out = np.full(len(ts), np.nan)
+        for f in folds:
+            rows = (ts >= pd.Timestamp(f['first']).value) & (ts <= pd.Timestamp(f['last']).value)
+            w = [f['weights'][m] for m in self.members]
+            out[rows] = self._mix({m: np.asarray(preds[m], dtype=float)[rows] for m in self.members}, w)
+        return out
+
+    def _mix(self, preds, weights) -> np.ndarray:
         missing = [m for m in self.members if m not in preds]
         if missing: raise PipelineError(f'Ensemble needs predictions of {missing}')
-        return sum(w * np.asarray(preds[m], dtype=float) for m, w in zip(self.members, self.weights))
+        return sum(w * np.asarray(preds[m], dtype=float) for m, w in zip(self.members, weights))
 
     def as_dict(self) -> dict: return dict(zip(self.members, map(float, self.weights)))
 
-def fit_ensemble(preds, y, target: str | None = None) -> Ensemble:
-    "Simplex-constrained least-squares weights of the members in `preds` (validation rows) for target `y`."
+def fit_ensemble(preds, y, target: str | None = None, timestamps=None, n_folds: int = ENSEMBLE_FOLDS,
+                 purge_bars: int = 0) -> Ensemble:
+    """Simplex-constrained least-squares weights of the members in `preds` (validation rows) for target `y`.
+    With `timestamps`, also the out-of-fold weights of `n_folds` day blocks: each block's weights are fitted on the
+    other blocks' rows, less those within `purge_bars` distinct timestamps of the block (their label windows overlap
+    it)."""
     members = list(preds.keys() if isinstance(preds, dict) else preds.columns)
     P = np.column_stack([np.asarray(preds[m], dtype=float) for m in members])
+    y = np.asarray(y, dtype=float).ravel()
     w = simplex_weights(P, y)
-    return Ensemble(members=members, weights=[float(v) for v in w], target=target,
-                    n_fit=int((np.isfinite(P).all(1) & np.isfinite(np.asarray(y, float))).sum()))
+    e = Ensemble(members=members, weights=[float(v) for v in w], target=target,
+                 n_fit=int((np.isfinite(P).all(1) & np.isfinite(y)).sum()), purge_bars=int(purge_bars))
+    if timestamps is None: return e
+    ts = pd.DatetimeIndex(np.asarray(timestamps)).as_unit('ns')
+    if len(ts) != len(y): raise PipelineError(f'timestamps have {len(ts)} rows, the validation target {len(y)}')
+    block = day_blocks(ts, n_folds)
+    grid = np.unique(ts.asi8)
+    pos = np.searchsorted(grid, ts.asi8)                              # a row's bar on the validation time grid
+    ok = np.isfinite(P).all(1) & np.isfinite(y)
+    for b in np.unique(block):
+        held = block == b
+        lo, hi = pos[held].min(), pos[held].max()
+        fit_rows = ~held & ((pos < lo - purge_bars) | (pos > hi + purge_bars))
+        wb = simplex_weights(P[fit_rows], y[fit_rows])
+        e.folds.append({'first': ts[held].min().isoformat(), 'last': ts[held].max().isoformat(),
+                        'weights': dict(zip(members, map(float, wb))), 'n_fit': int((fit_rows & ok).sum())})
+    return e
 
 # %% ../nbs/20a_core_models.ipynb #a1ca0db5
 def paired_ic_difference(y, pred_a, pred_b, timestamps, block='auto') -> dict:
