@@ -806,6 +806,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'pipeline_lib.runner.temp_environ': ('runner.html#temp_environ', 'pipeline_lib/runner.py'),
                                      'pipeline_lib.runner.type_problems': ('runner.html#type_problems', 'pipeline_lib/runner.py'),
                                      'pipeline_lib.runner.unknown_keys': ('runner.html#unknown_keys', 'pipeline_lib/runner.py'),
+                                     'pipeline_lib.runner.valid_in_sample': ('runner.html#valid_in_sample', 'pipeline_lib/runner.py'),
                                      'pipeline_lib.runner.write_demo_phase': ('runner.html#write_demo_phase', 'pipeline_lib/runner.py')},
             'pipeline_lib.selection': { 'pipeline_lib.selection.ImportanceResult': ( 'selection.html#importanceresult',
                                                                                      'pipeline_lib/selection.py'),

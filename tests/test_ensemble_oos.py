@@ -174,3 +174,40 @@ def test_verdict_shows_the_cost_of_a_full_retrain(tmp_path):
         assert set(missing) == {'missing'}
         text = verdict(compare(P, metrics, fits, T, False, missing), metrics)[1]
         assert 'full retrain (Phase 1, then the N-feature LightGBM) is not known here' in text
+
+
+def test_phase3_comparison_labels_validation_figures_and_never_chooses_an_in_sample_one():
+    from pipeline_lib.phase3 import compare_with_phase2
+    X, frame, _ = _panel()
+    fits = _fits(X, frame)
+    _, in_sample = _scored(fits, X, frame, out_of_fold=False)    # an old run: the ensemble scored in-sample on valid
+    P = frame.assign(**predict_all(fits, X, None, ['lightgbm', 'ensemble']), **{f'lstm__{T}': X['signal'].to_numpy() + 0.3 * np.random.default_rng(1).standard_normal(len(X))})
+    old = {'models': {m: {k: v for k, v in d.items() if k not in ('valid_in_sample', 'valid_role')} for m, d in in_sample.items()}}
+    table, out = compare_with_phase2(P, T, ['lstm'], old)
+    assert table.loc['ensemble', 'IC valid in-sample'] == 'yes' and table.loc['lightgbm', 'IC valid in-sample'] == 'mild'
+    assert table.loc['lstm', 'IC valid in-sample'] == 'mild'
+    assert table.loc['ensemble', 'IC valid'] > table.loc['lightgbm', 'IC valid']     # the higher number is not chosen
+    assert out['best_phase3_vs_best_phase2']['phase2_model'] == 'lightgbm' and 'mildly in-sample' in out['message']
+    # this run's ensemble (out of fold, labelled) is a candidate like any other
+    new = {'models': {m: {**d, 'valid_in_sample': 'mild'} for m, d in old['models'].items()}}
+    table, out = compare_with_phase2(P, T, ['lstm'], new)
+    assert table.loc['ensemble', 'IC valid in-sample'] == 'mild' and out['best_phase3_vs_best_phase2']['phase2_model'] == 'ensemble'
+
+
+def test_show_and_index_mark_in_sample_validation_figures(tmp_path):
+    from pipeline_lib.runner import VALID_NOTE, build_index, show_run
+    ic = lambda v: {T: {'train': {'ic': 0.2}, 'valid': {'ic': v}, 'test': {'ic': 0.05}}}
+    (tmp_path/'r1').mkdir()
+    (tmp_path/'r1'/'metrics.json').write_text(json.dumps({
+        'run': {'name': 'r1', 'status': 'ok', 'data': 'embedded', 'primary_target': T, 'started': '2024-01-01T00:00'},
+        'phase2': {'models': {'lightgbm': {**ic(0.06), 'valid_in_sample': 'mild'},
+                              'ensemble': ic(0.09)}}}))       # no label: an older run's in-sample ensemble
+    said = []
+    rows = show_run(reports_dir=tmp_path, say=lambda *a, **k: said.append(' '.join(map(str, a))))
+    assert rows['lightgbm']['valid_in_sample'] == 'mild' and rows['ensemble']['valid_in_sample'] == 'yes'
+    line = {s.split()[0]: s for s in said if s.split() and s.split()[0] in rows}
+    assert line['lightgbm'].rstrip().endswith(' *') and line['ensemble'].rstrip().endswith(' **')
+    assert VALID_NOTE in said
+    index = build_index(tmp_path).read_text()
+    assert '<code>lightgbm</code> 0.060* / 0.050' in index and '<code>ensemble</code> 0.090** / 0.050' in index
+    assert 'mildly in-sample' in index
