@@ -211,3 +211,18 @@ def test_show_and_index_mark_in_sample_validation_figures(tmp_path):
     index = build_index(tmp_path).read_text()
     assert '<code>lightgbm</code> 0.060* / 0.050' in index and '<code>ensemble</code> 0.090** / 0.050' in index
     assert 'mildly in-sample' in index
+
+
+@pytest.mark.parametrize('diffs, want', [((-0.01, 0.002, -0.004), True),      # the interval includes zero
+                                         ((0.010, 0.012, 0.011), True),       # it lies above zero
+                                         ((-0.010, -0.012, -0.011), False),   # it lies below zero: worse
+                                         ((0.01,), None)])                    # one seed: no interval
+def test_bench_selection_not_worse_is_the_95_interval_of_the_mean_difference(diffs, want):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location('bench_selection', Path(__file__).parents[1]/'bench'/'bench_selection.py')
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    s = bench.summarise([{'diff': d, 'within_one_se': True, 'speed_ok': True, 'speed_ratio_wall': 4.0} for d in diffs])
+    assert s['not_worse'] is want
+    if want is not None: assert (s['ci95'][1] >= 0) == want and s['ci95'][0] < s['mean_diff'] < s['ci95'][1]
