@@ -315,8 +315,8 @@ def daily_ic(frame: pd.DataFrame, pred_col: str, target: str, split: str = 'test
 
 # %% ../nbs/20_phase2_core_models.ipynb #65079668
 MIN_TEST_DAYS = 20   # below this many test days one market cannot settle "not worse": see bench/bench_selection.py
-CHOSEN_BY = ("validation IC: out of fold for the ensemble's weights; every model's early stopping or penalty was "
-             'chosen on the same rows, so each figure is mildly in-sample')
+CHOSEN_BY = ("the ensemble's out of fold for its weights; every model's mildly in-sample, as its early stopping or "
+             'penalty was chosen on the same rows')
 
 def phase1_cost(reports_dir, metadata_dir) -> dict:
     """Phase 1's fit seconds (selection, VAE, regimes) for the full-retrain comparison, from `metrics.json`'s `phase1`
@@ -429,7 +429,8 @@ def verdict(checks: dict, metrics_models: dict) -> list[str]:
         if None not in ics: gaps[m] = ics
     if gaps:
         worst = max(gaps, key=lambda m: gaps[m][0] - gaps[m][2])
-        out.append('**Generalisation** (IC train / valid / test): '
+        out.append('**Generalisation** (IC train / valid / test; each valid IC is mildly in-sample: early stopping or '
+                   "the penalty were chosen on those rows, the ensemble's weights out of fold): "
                    + '; '.join(f"{m} {a:.3f} / {b:.3f} / {c:.3f} (train - test {a - c:+.3f})" for m, (a, b, c) in gaps.items())
                    + f'. The largest train-test gap is {worst}\'s: a model that fits its training period much better than '
                    'later periods has learned that period, not the signal.')
