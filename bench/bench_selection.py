@@ -9,8 +9,10 @@ days' noise, not the luck of that market's draw. This bench repeats the comparis
     .venv/bin/python bench/bench_selection.py --seeds 1 2 3 7 --config configs/quick.yaml
 
 Per seed it prints both test ICs, the difference with its paired jackknife s.e. and t, the wall-time ratio, and
-whether the run's two checks (not lower beyond one s.e.; at least 3x faster) held. Then the mean difference over
-seeds with a t-interval (seeds are independent markets). Artifacts go to a scratch folder under .cache/.
+whether the run's own checks held (difference within one s.e. of zero or above; at least 3x faster). Then the
+mean difference over seeds with a Student-t 95% interval (seeds are independent markets) and the verdict:
+**not worse** means that interval includes zero or lies above it (its upper end is >= 0); it needs at least two
+seeds. Artifacts go to a scratch folder under .cache/.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
 
 from pipeline_lib.config import deep_merge, load_config, scratch_root  # noqa: E402
+from pipeline_lib.core_models import mean_ci  # noqa: E402
 from pipeline_lib.phase1 import run_phase1  # noqa: E402
 from pipeline_lib.phase2 import run_phase2  # noqa: E402
 
@@ -41,8 +44,19 @@ def one_seed(base_cfg: dict, seed: int, root: Path) -> dict:
     c = p2.metrics['checks']
     v = c['lightgbm_vs_baseline']
     return {'seed': seed, 'ic_n': v['ic_a'], 'ic_all': v['ic_b'], 'diff': v['diff'], 'se': v['se'], 't': v['t'],
-            'speed_ratio_wall': c['speed_ratio_wall'], 'not_worse_ok': c['not_worse_ok'], 'speed_ok': c['speed_ok'],
+            'speed_ratio_wall': c['speed_ratio_wall'], 'within_one_se': c['not_worse_ok'], 'speed_ok': c['speed_ok'],
             'seconds': round(time.perf_counter() - t0, 1)}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Over seeds: the mean difference with its Student-t 95% interval, and `not_worse`: True when that interval
+    includes zero or lies above it (upper end >= 0), False when it lies below zero, None with fewer than 2 seeds."""
+    ci = mean_ci([r['diff'] for r in rows], 0.95)
+    return {'n_seeds': len(rows), 'mean_diff': ci['mean'], 'se_across_seeds': ci['se'],
+            'ci95': [ci['lo'], ci['hi']] if ci['hi'] is not None else None,
+            'not_worse': None if ci['hi'] is None else bool(ci['hi'] >= 0),
+            'within_one_se': sum(bool(r['within_one_se']) for r in rows), 'speed_ok': sum(bool(r['speed_ok']) for r in rows),
+            'median_speed_ratio_wall': statistics.median(r['speed_ratio_wall'] for r in rows)}
 
 
 def main(argv=None) -> int:
@@ -59,21 +73,15 @@ def main(argv=None) -> int:
         r = one_seed(cfg, s, root)
         rows.append(r)
         print(f'{s:>4} {r["ic_n"]:7.4f} {r["ic_all"]:7.4f} {r["diff"]:+8.4f} {r["se"]:7.4f} {r["t"]:6.2f} '
-              f'{r["speed_ratio_wall"]:5.1f}x  not-worse {"ok" if r["not_worse_ok"] else "NO"}, '
+              f'{r["speed_ratio_wall"]:5.1f}x  within 1 s.e. {"ok" if r["within_one_se"] else "NO"}, '
               f'3x {"ok" if r["speed_ok"] else "NO"}  ({r["seconds"]:.0f} s)', flush=True)
-    diffs = [r['diff'] for r in rows]
-    summary = {'n_seeds': len(rows), 'mean_diff': statistics.fmean(diffs),
-               'not_worse_ok': sum(r['not_worse_ok'] for r in rows), 'speed_ok': sum(r['speed_ok'] for r in rows),
-               'median_speed_ratio_wall': statistics.median(r['speed_ratio_wall'] for r in rows)}
-    if len(diffs) > 1:
-        from scipy import stats
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5
-        q = float(stats.t.ppf(0.975, len(diffs) - 1))
-        summary.update(se_across_seeds=se, ci95=[summary['mean_diff'] - q * se, summary['mean_diff'] + q * se])
+    summary = summarise(rows)
     print(f'\nmean difference (N features - all) over {len(rows)} seeds: {summary["mean_diff"]:+.4f}'
-          + (f', s.e. across seeds {summary["se_across_seeds"]:.4f}, 95% CI [{summary["ci95"][0]:+.4f}, '
-             f'{summary["ci95"][1]:+.4f}]' if 'ci95' in summary else ''))
-    print(f'not lower beyond one s.e.: {summary["not_worse_ok"]}/{len(rows)} seeds; at least 3x faster: '
+          + (f', s.e. across seeds {summary["se_across_seeds"]:.4f}, 95% interval [{summary["ci95"][0]:+.4f}, '
+             f'{summary["ci95"][1]:+.4f}]' if summary['ci95'] else ''))
+    print('not worse (the 95% interval of the mean difference includes zero or lies above it): '
+          + {True: 'yes', False: 'NO', None: 'undecided (needs at least 2 seeds)'}[summary['not_worse']])
+    print(f'within one s.e. in the single run: {summary["within_one_se"]}/{len(rows)} seeds; at least 3x faster: '
           f'{summary["speed_ok"]}/{len(rows)} (median {summary["median_speed_ratio_wall"]:.1f}x)')
     if a.json: Path(a.json).write_text(json.dumps({'rows': rows, 'summary': summary}, indent=1))
     return 0

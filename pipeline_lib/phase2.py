@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import (ArtifactError, ArtifactWriter, atomic_write_bytes, dir_lock, load_joblib, load_json,
-                                    merge_json_atomic, verify_manifest)
+                                    merge_json_atomic, read_json, verify_manifest)
 from .config import PipelineError, config_hash, deep_merge, load_settings
 from .core_models import (LGBM_PARAMS, EARLY_STOPPING_ROUNDS, RIDGE_ALPHAS, Ensemble, LGBMFit, MultiTaskModel,
                                       RidgeFit, fit_ensemble, fit_lgbm, fit_ridge, mean_ci,
@@ -28,10 +28,11 @@ from .targets import (PATH_TARGETS, demean_fallback_rows, demean_returns, fittin
                                   target_horizon_bars)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'PHASE2_DEFAULTS', 'KEYS', 'CORE_DIR', 'phase2_settings',
-           'model_targets', 'Fits', 'fit_models', 'member_predictions', 'predict_all', 'prediction_frame',
-           'merge_predictions', 'model_metrics', 'model_backtests', 'daily_ic', 'compare', 'verdict', 'walk_forward',
-           'write_core_models', 'CoreModels', 'load_core_models', 'Phase2Result', 'run_phase2']
+__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'PHASE2_DEFAULTS', 'KEYS', 'VALID_ROLE', 'MIN_TEST_DAYS', 'CHOSEN_BY',
+           'CORE_DIR', 'phase2_settings', 'model_targets', 'Fits', 'fit_models', 'member_predictions', 'predict_all',
+           'prediction_frame', 'merge_predictions', 'model_metrics', 'model_backtests', 'daily_ic', 'phase1_cost',
+           'compare', 'verdict', 'walk_forward', 'write_core_models', 'CoreModels', 'load_core_models', 'Phase2Result',
+           'run_phase2']
 
 # %% ../nbs/20_phase2_core_models.ipynb #332c140c
 MODEL_NAMES = ('lightgbm', 'multitask', 'ensemble', 'ridge', 'baseline_all_features')
@@ -55,7 +56,8 @@ PHASE2_DEFAULTS = {
 }
 
 def phase2_settings(cfg: dict) -> dict:
-    "The `phase2` section of `cfg` over `PHASE2_DEFAULTS`, checked (unknown models are an error), plus `targets.demean_returns`."
+    """The `phase2` section of `cfg` over `PHASE2_DEFAULTS`, checked (unknown models are an error), plus
+    `targets.demean_returns` and `purge_bars` (the longest label window: the ensemble's out-of-fold purge)."""
     s = deep_merge(PHASE2_DEFAULTS, (cfg or {}).get('phase2') or {})
     bad = [m for m in s['models'] if m not in MODEL_NAMES]
     if bad: raise PipelineError(f'Unknown model(s) {bad} in phase2.models; available: {", ".join(MODEL_NAMES)}')
@@ -63,6 +65,8 @@ def phase2_settings(cfg: dict) -> dict:
         raise PipelineError(f"phase2.multitask.loss_weights must be 'fixed' or 'uncertainty', not {s['multitask']['loss_weights']!r}")
     if s['seed'] is None: s['seed'] = int(load_settings()['seed'])
     s['demean_returns'] = demean_returns(cfg)
+    t = (cfg or {}).get('targets') or {}
+    s['purge_bars'] = max_horizon(**{k: t[k] for k in ('horizons', 'path_horizon') if k in t})
     return s
 
 def model_targets(cfg: dict, settings: dict, available) -> tuple[list[str], list[str]]:
@@ -106,7 +110,8 @@ class _Clock:
 
 def fit_models(X: pd.DataFrame, F: pd.DataFrame | None, targets: pd.DataFrame, split, timestamps, settings: dict,
                model_list, lgbm_targets, heads, progress: bool = True) -> Fits:
-    "Train the configured models on `split == 'train'` rows, early-stopped on `'valid'` rows; ensemble weights on valid."
+    """Train the configured models on `split == 'train'` rows, early-stopped on `'valid'` rows; ensemble weights on
+    valid, with out-of-fold weights per day block of valid (purged by `settings['purge_bars']`) for its validation score."""
     say = print if progress else (lambda *a, **k: None)
     lab = np.asarray(split)
     tr, va = np.flatnonzero(lab == 'train'), np.flatnonzero(lab == 'valid')
@@ -155,8 +160,10 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | None, targets: pd.DataFrame, s
         for t in lgbm_targets:
             with _Clock(fits, 'ensemble'):
                 members = member_predictions(fits, t, Xva)
-                fits.ensemble[t] = fit_ensemble(members, Yva[t].to_numpy(float), target=t)
-            say(f'ensemble {t}: weights ' + ', '.join(f'{k} {v:.3f}' for k, v in fits.ensemble[t].as_dict().items()))
+                fits.ensemble[t] = fit_ensemble(members, Yva[t].to_numpy(float), target=t, timestamps=ts[va],
+                                                purge_bars=int(settings.get('purge_bars', 0)))
+            say(f'ensemble {t}: weights ' + ', '.join(f'{k} {v:.3f}' for k, v in fits.ensemble[t].as_dict().items())
+                + f' (and out-of-fold weights for {len(fits.ensemble[t].folds)} day blocks of the validation rows)')
     return fits
 
 def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None) -> dict:
@@ -169,15 +176,22 @@ def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.Dat
     return out
 
 # %% ../nbs/20_phase2_core_models.ipynb #e67dc8a8
-def predict_all(fits: Fits, X: pd.DataFrame, F: pd.DataFrame | None, model_list) -> dict:
-    "`{'<model>__<target>': array}` on the rows of `X` (and `F`, for the baseline) for every configured model."
+def predict_all(fits: Fits, X: pd.DataFrame, F: pd.DataFrame | None, model_list, split=None, timestamps=None) -> dict:
+    """`{'<model>__<target>': array}` on the rows of `X` (and `F`, for the baseline) for every configured model.
+    With `split` and `timestamps` (per row of `X`), the ensemble's predictions on `'valid'` rows are out of fold."""
     models, out = set(model_list), {}
+    valid = None if split is None else np.asarray(split).astype(str) == 'valid'
+    if valid is not None and timestamps is None: raise PipelineError('predict_all needs the timestamps with the split')
     mt_pred = fits.multitask.predict(X) if fits.multitask is not None else None
     for t in fits.ensemble or fits.lightgbm or fits.ridge:
         mem = member_predictions(fits, t, X, mt_pred)
         for name, p in mem.items():
             if name in models: out[f'{name}__{t}'] = p
-        if t in fits.ensemble: out[f'ensemble__{t}'] = fits.ensemble[t].predict(mem)
+        if t in fits.ensemble:
+            e, p = fits.ensemble[t], fits.ensemble[t].predict(mem)
+            if valid is not None and valid.any():   # its validation score must not use weights fitted on the same rows
+                p[valid] = e.predict_out_of_fold({k: np.asarray(v)[valid] for k, v in mem.items()}, np.asarray(timestamps)[valid])
+            out[f'ensemble__{t}'] = p
     if mt_pred is not None and 'multitask' in models:
         for h in fits.multitask.heads: out[f'multitask__{h}'] = mt_pred[h].to_numpy(float)
     if 'baseline_all_features' in models and F is not None:
@@ -235,8 +249,18 @@ def merge_predictions(path, new: pd.DataFrame, owned=None) -> pd.DataFrame:
     return out
 
 # %% ../nbs/20_phase2_core_models.ipynb #ed799053
+VALID_ROLE = {   # what the validation rows chose for each model: its validation figure is that much in-sample
+    'lightgbm': 'the best boosting iteration (early stopping) was chosen on these rows: mildly in-sample',
+    'baseline_all_features': 'the best boosting iteration (early stopping) was chosen on these rows: mildly in-sample',
+    'multitask': 'the best epoch (early stopping) was chosen on these rows: mildly in-sample',
+    'ridge': 'the ridge penalty was chosen on these rows: mildly in-sample',
+    'ensemble': ("out of fold for its weights (each validation day block scored with weights fitted on the other "
+                 "blocks, purged); its members' early stopping and penalty were chosen on these rows: mildly in-sample"),
+}
+
 def model_metrics(frame: pd.DataFrame, fits: Fits, model_list, lgbm_targets) -> dict:
-    "`phase2.models`: per model, per target, per split metrics, plus training seconds and details."
+    """`phase2.models`: per model, per target, per split metrics, plus training seconds and details, and what the
+    validation rows chose for it (`valid_in_sample`: 'mild', `valid_role`: in words)."""
     out = {}
     for name in model_list:
         cols = [c for c in frame.columns if c.startswith(f'{name}__')]
@@ -244,6 +268,7 @@ def model_metrics(frame: pd.DataFrame, fits: Fits, model_list, lgbm_targets) -> 
         d = {c.split('__', 1)[1]: evaluate_splits(frame, c, c.split('__', 1)[1]) for c in cols}
         d['seconds'] = round(fits.seconds.get(name, 0.0), 3)
         d['cpu_seconds'] = round(fits.cpu_seconds.get(name, 0.0), 3)
+        d['valid_in_sample'], d['valid_role'] = 'mild', VALID_ROLE[name]
         if name in ('lightgbm', 'baseline_all_features'):
             fd = fits.lightgbm if name == 'lightgbm' else fits.baseline
             first = fd[lgbm_targets[0]]
@@ -260,7 +285,8 @@ def model_metrics(frame: pd.DataFrame, fits: Fits, model_list, lgbm_targets) -> 
         elif name == 'ridge':
             d['training'] = {t: {'alpha': r.alpha, 'valid_mse': r.valid_mse} for t, r in fits.ridge.items()}
         elif name == 'ensemble':
-            d['training'] = {t: {'weights': e.as_dict(), 'n_fit': e.n_fit} for t, e in fits.ensemble.items()}
+            d['training'] = {t: {'weights': e.as_dict(), 'n_fit': e.n_fit, 'purge_bars': e.purge_bars,
+                                 'out_of_fold': e.folds} for t, e in fits.ensemble.items()}
         out[name] = d
     return out
 
@@ -289,15 +315,36 @@ def daily_ic(frame: pd.DataFrame, pred_col: str, target: str, split: str = 'test
                      name='ic', dtype=float).rename_axis('day')
 
 # %% ../nbs/20_phase2_core_models.ipynb #65079668
-def compare(frame: pd.DataFrame, metrics_models: dict, fits: Fits, primary: str, oracle: bool) -> dict:
-    "The checks behind the verdict (see above), JSON-ready."
+MIN_TEST_DAYS = 20   # below this many test days one market cannot settle "not worse": see bench/bench_selection.py
+CHOSEN_BY = ("the ensemble's out of fold for its weights; every model's mildly in-sample, as its early stopping or "
+             'penalty was chosen on the same rows')
+
+def phase1_cost(reports_dir, metadata_dir) -> dict:
+    """Phase 1's fit seconds (selection, VAE, regimes) for the full-retrain comparison, from `metrics.json`'s `phase1`
+    key in `reports_dir` when it belongs to the Phase 1 in `metadata_dir`; else `{'missing': why}`."""
+    if reports_dir is None: return {'missing': 'this run writes no reports folder, so Phase 1 left no timing to read'}
+    try: p1 = read_json(Path(reports_dir)/'metrics.json', 'metrics.json').get('phase1')
+    except (ArtifactError, OSError, AttributeError): p1 = None
+    if not isinstance(p1, dict) or not isinstance((p1.get('timings') or {}).get('fit'), (int, float)):
+        return {'missing': f"{Path(reports_dir)/'metrics.json'} has no phase1 timings (Phase 1 ran into another reports folder)"}
+    if Path(str(p1.get('metadata_dir'))).resolve() != Path(metadata_dir).resolve():
+        return {'missing': f"{Path(reports_dir)/'metrics.json'}'s phase1 key is from the Phase 1 in {p1.get('metadata_dir')}, "
+                           f'not the one these models use ({metadata_dir})'}
+    return {'fit_seconds': float(p1['timings']['fit']), 'seconds': p1.get('seconds'),
+            'source': 'metrics.json phase1.timings.fit'}
+
+def compare(frame: pd.DataFrame, metrics_models: dict, fits: Fits, primary: str, oracle: bool,
+            phase1: dict | None = None) -> dict:
+    """The checks behind the verdict (see above), JSON-ready. The best model is chosen by validation IC (the
+    ensemble's is out of fold). `phase1`: `phase1_cost`'s answer, for the cost of a full retrain."""
     te = frame[frame['split'].eq('test').to_numpy()]
     out = {'primary_target': primary}
     ic = lambda m, s: (metrics_models.get(m, {}).get(primary, {}).get(s) or {}).get('ic')
     ranked = [m for m in metrics_models if m != 'baseline_all_features' and ic(m, 'valid') is not None]
     if ranked:
         best = max(ranked, key=lambda m: ic(m, 'valid'))
-        out.update(best_model=best, best_model_valid_ic=ic(best, 'valid'), best_model_test_ic=ic(best, 'test'))
+        out.update(best_model=best, best_model_valid_ic=ic(best, 'valid'), best_model_test_ic=ic(best, 'test'),
+                   best_model_chosen_by=CHOSEN_BY)
         tests = {m: ic(m, 'test') for m in metrics_models if ic(m, 'test') is not None}
         if tests:
             top = max(tests, key=tests.get)
@@ -326,10 +373,32 @@ def compare(frame: pd.DataFrame, metrics_models: dict, fits: Fits, primary: str,
         ca, cb = fits.cpu_seconds.get('lightgbm'), fits.cpu_seconds.get('baseline_all_features')
         if ca and cb and len(fits.lightgbm) == 1: out['speed_ratio_cpu'] = cb / ca
         out['speed_ok'] = out['speed_ratio_wall'] is not None and out['speed_ratio_wall'] >= 3
+        p1 = phase1 or {'missing': 'Phase 1\'s time was not given'}
+        if 'fit_seconds' in p1:
+            full = p1['fit_seconds'] + fa.seconds
+            out['full_retrain'] = {'phase1_fit_seconds': p1['fit_seconds'], 'phase1_seconds': p1.get('seconds'),
+                                   'lightgbm_seconds': fa.seconds, 'seconds': full, 'baseline_seconds': fb.seconds,
+                                   'speed_ratio_wall': fb.seconds / full if full > 0 else None, 'source': p1['source']}
+        else: out['full_retrain'] = {'missing': p1['missing']}
+        out['test_days'] = d['n_blocks']
+        out['underpowered'] = d['n_blocks'] < MIN_TEST_DAYS
         out['not_worse_ok'] = d['diff'] is not None and d['se'] is not None and d['diff'] >= -d['se']
     return json_safe(out)
 
 def _f(v, fmt='.3f'): return 'n/a' if v is None else format(v, fmt)
+
+def _full_retrain_sentence(fr: dict) -> str:
+    "The cost of retraining from scratch: Phase 1's fit plus the N-feature LightGBM, against the all-features baseline."
+    if 'missing' in fr or not fr:
+        return ('The cost of a full retrain (Phase 1, then the N-feature LightGBM) is not known here: '
+                + (fr.get('missing') or "Phase 1's time is unavailable") + '.')
+    r = fr.get('speed_ratio_wall')
+    return (f"A full retrain (Phase 1's fit, {_f(fr['phase1_fit_seconds'], '.1f')} s, then the N-feature LightGBM, "
+            f"{_f(fr['lightgbm_seconds'], '.1f')} s) takes {_f(fr['seconds'], '.1f')} s against the all-features "
+            f"baseline's {_f(fr['baseline_seconds'], '.1f')} s: "
+            + (f'{_f(r, ".1f")}x faster.' if r is not None and r >= 1 else
+               f'{_f(1 / r, ".1f")}x slower.' if r else 'no ratio.')
+            + ' (Both use the features already built; a retrain of Phase 2 alone keeps Phase 1 and costs the LightGBM only.)')
 
 def verdict(checks: dict, metrics_models: dict) -> list[str]:
     "The verdict in sentences, every number from `checks` and `metrics_models`."
@@ -342,22 +411,27 @@ def verdict(checks: dict, metrics_models: dict) -> list[str]:
                    f"jackknife standard error of {_f(d['se'])} ({d['n_blocks']} days, t = {_f(d['t'], '.2f')}). "
                    + ('The N-feature model is not worse beyond one standard error.' if ok else
                       'The N-feature model is worse by more than one standard error.' if ok is False else '')
-                   + (f" With only {d['n_blocks']} test days this standard error is itself rough." if d['n_blocks'] < 6 else '')
-                   + (' This standard error covers the test days, not the draw of this synthetic market: '
+                   + (f" **With {d['n_blocks']} test days (fewer than {MIN_TEST_DAYS}) a single market is underpowered "
+                      'for this question**: `bench/bench_selection.py` repeats the comparison over market seeds and calls '
+                      'N features not worse when the 95% interval of the mean difference includes zero or lies above it.'
+                      if d['n_blocks'] < MIN_TEST_DAYS else
+                      ' This standard error covers the test days, not the draw of this synthetic market: '
                       '`bench/bench_selection.py` repeats the comparison over market seeds.'
                       if checks.get('oracle_test_ic') is not None else ''))
         w, it = checks.get('speed_ratio_wall'), checks.get('speed_ratio_per_iteration')
         out.append(f"**Training time.** The baseline took {_f(w, '.1f')}x the wall time of the N-feature LightGBM "
                    f"({_f(it, '.1f')}x per boosting iteration"
                    + (f", {_f(checks['speed_ratio_cpu'], '.1f')}x the CPU time" if checks.get('speed_ratio_cpu') else '')
-                   + '); the 3x target is ' + ('met.' if checks.get('speed_ok') else 'not met.'))
+                   + '); the 3x target is ' + ('met.' if checks.get('speed_ok') else 'not met.')
+                   + ' ' + _full_retrain_sentence(checks.get('full_retrain') or {}))
     gaps = {}
     for m, v in metrics_models.items():
         ics = [(v.get(p, {}).get(s) or {}).get('ic') for s in SPLITS]
         if None not in ics: gaps[m] = ics
     if gaps:
         worst = max(gaps, key=lambda m: gaps[m][0] - gaps[m][2])
-        out.append('**Generalisation** (IC train / valid / test): '
+        out.append('**Generalisation** (IC train / valid / test; each valid IC is mildly in-sample: early stopping or '
+                   "the penalty were chosen on those rows, the ensemble's weights out of fold): "
                    + '; '.join(f"{m} {a:.3f} / {b:.3f} / {c:.3f} (train - test {a - c:+.3f})" for m, (a, b, c) in gaps.items())
                    + f'. The largest train-test gap is {worst}\'s: a model that fits its training period much better than '
                    'later periods has learned that period, not the signal.')
@@ -368,7 +442,8 @@ def verdict(checks: dict, metrics_models: dict) -> list[str]:
         s = (f"**Against the oracle.** The causal oracle's test IC is {_f(checks['oracle_test_ic'])} (the bound's "
              f"{_f(checks.get('bound_test_ic'))}). ")
         if checks.get('oracle_fraction') is not None:
-            s += (f"The model with the best validation IC, {checks['best_model']}, reaches {_f(checks['best_model_test_ic'])} on "
+            s += (f"The model with the best validation IC ({checks.get('best_model_chosen_by', CHOSEN_BY)}), "
+                  f"{checks['best_model']}, reaches {_f(checks['best_model_test_ic'])} on "
                   f"test: {checks['oracle_fraction']:.0%} of the oracle's (target: at least 60%, "
                   + ('met' if checks.get('oracle_fraction_ok') else 'not met') + f"); the highest test IC of any model, "
                   f"{checks['max_test_ic_model']}'s {_f(checks['max_test_ic'])}, is {checks['max_oracle_fraction']:.0%}. ")
@@ -544,14 +619,15 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
 
     t0 = time.perf_counter()
     scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
-    preds = predict_all(fits, X.iloc[scored], None if F is None else F.iloc[scored], model_list)
+    preds = predict_all(fits, X.iloc[scored], None if F is None else F.iloc[scored], model_list,
+                        split=rd.split.to_numpy()[scored], timestamps=rd.bars['timestamp'].to_numpy()[scored])
     frame = prediction_frame(rd, preds, scored, primary)
     timings['predict'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     models = model_metrics(frame, fits, model_list, lgbm_targets)
     bts = model_backtests(rd, frame, primary, settings, int(cfg['targets']['path_horizon']))
-    checks = compare(frame, models, fits, primary, rd.oracle is not None)
+    checks = compare(frame, models, fits, primary, rd.oracle is not None, phase1_cost(reports_dir, metadata_dir))
     words = verdict(checks, models)
     timings['evaluate'] = time.perf_counter() - t0
 

@@ -24,9 +24,10 @@ from .sequence import (MODELS, TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequ
                                    model_from_state, predict_windows, window_ends, window_mask)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'PHASE3_DEFAULTS', 'TRAIN_KEYS', 'phase3_settings',
-           'model_settings', 'transform_array', 'scored_rows', 'model_metrics', 'compare_with_phase2',
-           'write_sequence_models', 'SequenceModels', 'load_sequence_models', 'Phase3Result', 'run_phase3']
+__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'PHASE3_DEFAULTS', 'TRAIN_KEYS', 'VALID_ROLE',
+           'phase3_settings', 'model_settings', 'transform_array', 'scored_rows', 'model_metrics',
+           'compare_with_phase2', 'write_sequence_models', 'SequenceModels', 'load_sequence_models', 'Phase3Result',
+           'run_phase3']
 
 # %% ../nbs/30_phase3_sequential_models.ipynb #476ad9a5
 MODEL_NAMES = tuple(MODELS)
@@ -123,6 +124,8 @@ def scored_rows(rd: RunData, ends_ok: np.ndarray, settings: dict) -> tuple[np.nd
         pred = np.sort(np.r_[pred[lab[pred] != 'train'], keep])
     return rows, pred
 
+VALID_ROLE = 'the best epoch (early stopping on these rows, or a fixed subset of them) was chosen on them: mildly in-sample'
+
 def model_metrics(frame: pd.DataFrame, fits: dict, primary: str, predict_seconds: dict, train_scoring: dict) -> dict:
     """`phase3.models`: per model, per split metrics of the primary target, training seconds, caps and training details.
     `train_scoring`: `max_train_predictions`, `train_rows_with_window`, `train_rows_scored`."""
@@ -134,6 +137,7 @@ def model_metrics(frame: pd.DataFrame, fits: dict, primary: str, predict_seconds
             caps['by'] = caps['by'] + ['max_train_predictions']
         caps['active'] = bool(caps['by'])
         out[name] = {primary: evaluate_splits(frame, col, primary), 'seconds': round(f.seconds, 3), 'capped': caps,
+                     'valid_in_sample': 'mild', 'valid_role': VALID_ROLE,
                      'training': {'epochs_run': f.epochs_run, 'best_epoch': f.best_epoch, 'stop_reason': f.stop_reason,
                                   'best_valid_loss': (float(f.history['valid_loss'].min()) if 'valid_loss' in f.history else None),
                                   'n_parameters': f.n_parameters, 'windows_per_second': round(f.windows_per_second, 1),
@@ -149,7 +153,10 @@ def _ev(frame, col, y, rows):
 
 def compare_with_phase2(P: pd.DataFrame, primary: str, p3_models, phase2_metrics: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Every model of both phases (and the oracle) on the same rows: those with a finite target and a prediction from
-    every Phase 3 model. `P` is the merged predictions.parquet frame. Returns (table, JSON-ready summary)."""
+    every Phase 3 model. `P` is the merged predictions.parquet frame. Returns (table, JSON-ready summary).
+    Each validation IC says how in-sample it is (`valid_in_sample`: 'mild' where early stopping or a penalty was chosen
+    on those rows; the ensemble's weights are out of fold). A Phase 2 ensemble whose `phase2_metrics` record has no
+    such label predates out-of-fold scoring: its validation IC is in-sample, shown as such and not used for choosing."""
     from pipeline_lib.core_models import paired_ic_difference
     p3 = [f'{m}__{primary}' for m in p3_models if f'{m}__{primary}' in P.columns]
     others = [c for c in P.columns if c.endswith(f'__{primary}') and c.split('__')[0] not in MODEL_NAMES]
@@ -160,14 +167,21 @@ def compare_with_phase2(P: pd.DataFrame, primary: str, p3_models, phase2_metrics
     lab = P['split'].to_numpy().astype(str)
     rows = {s: np.flatnonzero(ok & (lab == s)) for s in ('valid', 'test')}
     recs, summ = {}, {}
+    p2_models = ((phase2_metrics or {}).get('models') or {}) if isinstance(phase2_metrics, dict) else {}
+    def in_sample(name, phase):
+        if phase == 'oracle': return 'no'                     # nothing of the oracle is fitted on validation rows
+        if phase == 'phase 3': return 'mild'
+        rec = p2_models.get(name) or {}
+        return rec.get('valid_in_sample') or ('yes' if name == 'ensemble' else 'mild')
     for c in p3 + p2 + orc:
         name = c[:-len(f'__{primary}')]
         mv, mt = _ev(P, c, primary, rows['valid']), _ev(P, c, primary, rows['test'])
         phase = 'phase 3' if c in p3 else ('phase 2' if c in p2 else 'oracle')
-        recs[name] = {'phase': phase, 'IC valid': mv['ic'], 'IC test': mt['ic'], 'IC s.e. test': mt['ic_se'],
+        recs[name] = {'phase': phase, 'IC valid': mv['ic'], 'IC valid in-sample': in_sample(name, phase),
+                      'IC test': mt['ic'], 'IC s.e. test': mt['ic_se'],
                       'rank IC test': mt['rank_ic'], 'cs rank IC test': mt['cs_rank_ic'], 't (cs)': mt['cs_rank_ic_t'],
                       'R2 test': mt['r2'], 'hit rate test': mt['hit_rate'], 'n test': mt['n']}
-        summ[name] = {'phase': phase, 'valid': {'ic': mv['ic'], 'n': mv['n']}, 'test': mt}
+        summ[name] = {'phase': phase, 'valid': {'ic': mv['ic'], 'n': mv['n'], 'in_sample': in_sample(name, phase)}, 'test': mt}
     table = pd.DataFrame(recs).T
     out = {'phase2_available': bool(p2), 'rows': {s: int(len(r)) for s, r in rows.items()}, 'models': summ}
     if not p2:
@@ -178,7 +192,9 @@ def compare_with_phase2(P: pd.DataFrame, primary: str, p3_models, phase2_metrics
         test_p2 = ~np.isnan(P[p2[0]].to_numpy(float)) & np.isfinite(P[primary].to_numpy(float)) & (lab == 'test')
         out['phase2_test_rows'] = int(test_p2.sum())
         out['same_test_rows'] = bool(out['phase2_test_rows'] == len(rows['test']))
-        best = lambda names: max(names, key=lambda n: -np.inf if summ[n]['valid']['ic'] is None else summ[n]['valid']['ic'])
+        # chosen by validation IC; a fully in-sample figure (an old run's ensemble) is never a candidate
+        best = lambda names: max(names, key=lambda n: -np.inf if summ[n]['valid']['ic'] is None or summ[n]['valid']['in_sample'] == 'yes'
+                                 else summ[n]['valid']['ic'])
         b3 = best([c[:-len(f'__{primary}')] for c in p3]); b2 = best([c[:-len(f'__{primary}')] for c in p2])
         r = rows['test']
         d = paired_ic_difference(P[primary].to_numpy(float)[r], P[f'{b3}__{primary}'].to_numpy(float)[r],
@@ -186,7 +202,9 @@ def compare_with_phase2(P: pd.DataFrame, primary: str, p3_models, phase2_metrics
         out['best_phase3_vs_best_phase2'] = {'phase3_model': b3, 'phase2_model': b2, **d}
         if d['diff'] is not None and d['se']:
             z = d['diff'] / d['se']
-            out['message'] = (f'Best by validation IC: {b3} (Phase 3) vs {b2} (Phase 2); test IC difference {d["diff"]:+.4f} '
+            out['message'] = (f'Best by validation IC (mildly in-sample for every model: each was early-stopped or tuned on '
+                              f"those rows; the ensemble's weights are out of fold): {b3} (Phase 3) vs {b2} (Phase 2); "
+                              f'test IC difference {d["diff"]:+.4f} '
                               f'(s.e. {d["se"]:.4f}, {z:+.1f} s.e.): '
                               + ('no clear difference.' if abs(z) < 2 else ('Phase 3 better.' if z > 0 else 'Phase 2 better.')))
     return table, json_safe(out)

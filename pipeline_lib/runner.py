@@ -35,16 +35,17 @@ from .config import PipelineError, config_hash, deep_merge, load_settings, read_
 __all__ = ['EXIT_OK', 'EXIT_PHASE_FAILED', 'EXIT_BAD_INPUT', 'EXIT_INTERRUPTED', 'RANGES', 'NULLABLE', 'MODELS', 'PHASE_GLOB',
            'REQUIRED_PARAMS', 'OPTIONAL_PARAMS', 'DEPENDS_ON', 'BYTES_PER_FEATURE', 'FEATURE_COPIES', 'ROW_OVERHEAD',
            'PHASE1_SECTIONS', 'KERNEL_GUARD', 'REMOVE_CELL_TAGS', 'REMOVE_INPUT_TAGS', 'METRIC_KEYS', 'RUN_KEYS',
-           'ConfigError', 'NotebookError', 'DependencyError', 'parse_assignment', 'nest', 'overrides_from_sets',
-           'split_values', 'parse_grid', 'flatten', 'nearest_keys', 'unknown_keys', 'type_problems', 'range_problems',
-           'model_problems', 'available_targets', 'target_problems', 'Phase', 'notebook_parameters', 'discover_phases',
-           'check_notebook', 'write_demo_phase', 'resolve_data', 'ResourceError', 'available_memory',
-           'estimate_file_rows', 'data_options', 'data_option_problems', 'estimate_bytes', 'effective_rows',
-           'memory_check', 'phase1_config', 'phase1_config_hash', 'check_phase1_artifacts', 'RunPlan', 'Plan',
-           'grid_run_name', 'config_diff', 'Options', 'plan_runs', 'pin_kernel', 'temp_environ', 'PhaseResult',
-           'execute_phase', 'export_html', 'environment_info', 'artifact_hashes', 'execute_run', 'report_problems',
-           'collect_runs', 'model_ics', 'oracle_ics', 'grid_figure', 'build_index', 'execute_plan', 'list_everything',
-           'show_run', 'build_parser', 'describe_plan', 'main']
+           'VALID_MARK', 'VALID_NOTE', 'ConfigError', 'NotebookError', 'DependencyError', 'parse_assignment', 'nest',
+           'overrides_from_sets', 'split_values', 'parse_grid', 'flatten', 'nearest_keys', 'unknown_keys',
+           'type_problems', 'range_problems', 'model_problems', 'available_targets', 'target_problems', 'Phase',
+           'notebook_parameters', 'discover_phases', 'check_notebook', 'write_demo_phase', 'resolve_data',
+           'ResourceError', 'available_memory', 'estimate_file_rows', 'data_options', 'data_option_problems',
+           'estimate_bytes', 'effective_rows', 'memory_check', 'phase1_config', 'phase1_config_hash',
+           'check_phase1_artifacts', 'RunPlan', 'Plan', 'grid_run_name', 'config_diff', 'Options', 'plan_runs',
+           'pin_kernel', 'temp_environ', 'PhaseResult', 'execute_phase', 'export_html', 'environment_info',
+           'artifact_hashes', 'execute_run', 'report_problems', 'collect_runs', 'valid_in_sample', 'model_ics',
+           'oracle_ics', 'grid_figure', 'build_index', 'execute_plan', 'list_everything', 'show_run', 'build_parser',
+           'describe_plan', 'main']
 
 # %% ../nbs/90_runner.ipynb #d08a6bdc
 class ConfigError(PipelineError):
@@ -1220,8 +1221,20 @@ def collect_runs(reports_base) -> list[dict]:
         out.append(m)
     return sorted(out, key=lambda m: str(m['run'].get('started') or ''), reverse=True)
 
+VALID_MARK = {'mild': '*', 'yes': '**', 'no': ''}
+VALID_NOTE = ('* validation IC mildly in-sample: early stopping or the ridge penalty were chosen on the validation '
+              "rows (the ensemble's weights are out of fold). ** in-sample: weights fitted on the validation rows "
+              '(a run from before out-of-fold scoring); not a figure to choose by.')
+
+def valid_in_sample(model: str, per: dict) -> str:
+    "'mild', 'yes' or 'no': how in-sample a model's validation figure is, from its metrics.json record."
+    v = per.get('valid_in_sample') if isinstance(per, dict) else None
+    if v in VALID_MARK: return v
+    return 'yes' if model == 'ensemble' else 'mild'   # older runs: ensemble weights were fitted on valid; all early-stop
+
 def model_ics(m: dict) -> dict:
-    "`{model: {'valid': ic, 'test': ic, 'seconds': s}}` for the run's primary target, over every phase's models."
+    """`{model: {'valid': ic, 'test': ic, 'seconds': s, 'valid_in_sample': 'mild'|'yes'|'no'}}` for the run's primary
+    target, over every phase's models."""
     target = m.get('run', {}).get('primary_target')
     out = {}
     for pk in sorted(k for k in m if re.fullmatch(r'phase\d', k)):
@@ -1230,6 +1243,7 @@ def model_ics(m: dict) -> dict:
             t = per.get(target) if isinstance(per.get(target), dict) else None
             out[model] = {s: ((t or {}).get(s) or {}).get('ic') for s in ('valid', 'test')}
             out[model]['seconds'] = per.get('seconds')
+            out[model]['valid_in_sample'] = valid_in_sample(model, per)
     return out
 
 def oracle_ics(m: dict) -> dict:
@@ -1262,7 +1276,7 @@ def grid_figure(runs: list[dict], key: str) -> str | None:
         ics = [model_ics(pts[j][1]).get(model, {}) for j in order]
         color = f'C{i % 10}'
         ax1.plot([xs[j] for j in order], [d.get('valid') if d.get('valid') is not None else float('nan') for d in ics],
-                 'o-', color=color, label=f'{model} valid')
+                 'o-', color=color, label=f'{model} valid' + VALID_MARK[ics[0].get('valid_in_sample', 'mild') if ics else 'mild'])
         ax1.plot([xs[j] for j in order], [d.get('test') if d.get('test') is not None else float('nan') for d in ics],
                  'x--', color=color, alpha=0.45, label=f'{model} test (reference only)')
     orc = [oracle_ics(pts[j][1]).get('valid') for j in order]
@@ -1298,7 +1312,8 @@ def _run_row(m: dict) -> str:
         if orc.get('valid') and v.get('valid') is not None:
             frac = f' <span class="note">({100 * v["valid"] / orc["valid"]:.0f}% of oracle)</span>'
         secs = f' <span class="note">{v["seconds"]:.1f} s</span>' if isinstance(v.get('seconds'), (int, float)) else ''
-        lines.append(f'<code>{html.escape(model)}</code> {_f(v.get("valid"))} / {_f(v.get("test"))}{frac}{secs}')
+        mark = VALID_MARK.get(v.get('valid_in_sample'), '')
+        lines.append(f'<code>{html.escape(model)}</code> {_f(v.get("valid"))}{mark} / {_f(v.get("test"))}{frac}{secs}')
     diff = '<br>'.join(f'<code>{html.escape(k)}={html.escape(json.dumps(v, default=str))}</code>'
                        for k, v in (r.get('config_diff') or {}).items() if k != 'data.source') or '<span class="note">defaults</span>'
     links = ' '.join(f'<a href="{html.escape(d)}/{html.escape(p["html"])}">phase&nbsp;{html.escape(n)}</a>'
@@ -1328,7 +1343,7 @@ def build_index(reports_base, defaults: dict | None = None) -> Path:
              '<h1>Runs</h1><p class="note">Regenerated after every run from reports/*/metrics.json. IC is the Pearson '
              'correlation of prediction and realised primary target; models are compared on <b>validation</b> rows, test '
              'is shown for reference only. The oracle is the embedded market\'s causal best prediction (embedded data '
-             f'only). {len(runs)} runs.</p>']
+             f'only). {html.escape(VALID_NOTE)} {len(runs)} runs.</p>']
     if singles:
         parts.append(f'<h2>Single runs</h2><table>{_HEAD}' + ''.join(_run_row(m) for m in singles) + '</table>')
     for g, ms in sorted(groups.items(), key=lambda kv: max(str(m['run'].get('started')) for m in kv[1]), reverse=True):
@@ -1424,19 +1439,21 @@ def show_run(run: str | None = None, reports_dir=None, say=_say) -> dict:
     p1 = m.get('phase1') or {}
     say(f'run {m["_dir"]}: status {r.get("status")}, data {r.get("data")}, primary target {target}')
     if p1: say(f'phase 1: {len(p1.get("selected") or [])} features selected')
-    say(f'{"model":<24}{"train IC":>10}{"valid IC":>10}{"test IC":>10}{"train-valid":>13}')
+    say(f'{"model":<24}{"train IC":>10}{"valid IC":>10}{"test IC":>10}{"train-valid":>13}  valid')
     rows = {}
     for pk in sorted(k for k in m if re.fullmatch(r'phase\d', k)):
         for model, per in ((m[pk] or {}).get('models') or {}).items():
             ics = {s: (((per or {}).get(target) or {}).get(s) or {}).get('ic') for s in ('train', 'valid', 'test')}
-            rows[model] = ics
+            rows[model] = {**ics, 'valid_in_sample': valid_in_sample(model, per)}
             gap = ics['train'] - ics['valid'] if None not in (ics['train'], ics['valid']) else None
-            say(f'{model:<24}' + ''.join(f'{_f(ics[s], 3):>10}' for s in ('train', 'valid', 'test')) + f'{_f(gap, 3):>13}')
+            say(f'{model:<24}' + ''.join(f'{_f(ics[s], 3):>10}' for s in ('train', 'valid', 'test')) + f'{_f(gap, 3):>13}'
+                + f'  {VALID_MARK[rows[model]["valid_in_sample"]]}')
     oracle = ((m.get('oracle') or {}).get(target) or {})
     if oracle:
         rows['oracle'] = {s: (oracle.get(s) or {}).get('ic') for s in ('train', 'valid', 'test')}
         say(f'{"oracle (causal)":<24}' + ''.join(f'{_f(rows["oracle"][s], 3):>10}' for s in ('train', 'valid', 'test')))
     elif p1.get('oracle_note'): say(p1['oracle_note'])   # e.g. a path target: the embedded oracle is for a return
+    if any(v.get('valid_in_sample') in ('mild', 'yes') for v in rows.values()): say(VALID_NOTE)
     return rows
 
 # %% ../nbs/90_runner.ipynb #5898919f

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline_lib.config import PipelineError
-from pipeline_lib.core_models import (MultiTaskLoss, MultiTaskModel, MultiTaskNet, TabularScaler, censored_mse,
+from pipeline_lib.core_models import (MultiTaskLoss, MultiTaskModel, MultiTaskNet, TabularScaler, censored_mse, day_blocks,
                                       fit_ensemble, fit_lgbm, fit_ridge, mean_ci, paired_ic_difference, simplex_weights)
 
 
@@ -53,6 +53,20 @@ def test_ensemble_ignores_rows_with_a_missing_member_and_predicts_the_mix():
     assert e.n_fit == 2900 and np.allclose(e.weights, [0.3, 0.7], atol=1e-6)
     assert np.allclose(e.predict(P.iloc[200:210]), (0.3 * P['a'] + 0.7 * P['b']).iloc[200:210])
     with pytest.raises(PipelineError): e.predict({'a': [1.0]})
+
+
+def test_day_blocks_are_contiguous_whole_days_in_time_order():
+    _, _, ts = _panel(n=4000)                       # 10 days of 400 rows
+    shuffled = ts.sample(frac=1.0, random_state=0)  # row order must not matter
+    b = day_blocks(shuffled.to_numpy(), 4)
+    day = pd.DatetimeIndex(shuffled).normalize()
+    assert sorted(set(b)) == [0, 1, 2, 3]
+    per_day = pd.Series(b).groupby(day).nunique()
+    assert (per_day == 1).all()                     # a day never straddles two blocks
+    first = pd.Series(b).groupby(day).first().sort_index().to_numpy()
+    assert (np.diff(first) >= 0).all()              # blocks follow time
+    one_day = ts[:300].to_numpy()                   # a single day: its timestamps are cut instead
+    assert sorted(set(day_blocks(one_day, 3))) == [0, 1, 2] and (np.diff(day_blocks(one_day, 3)) >= 0).all()
 
 
 # ---- multi-task network -----------------------------------------------------------------------------------------
