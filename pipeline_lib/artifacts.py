@@ -34,9 +34,9 @@ from .metrics import json_safe  # one definition of JSON-ready values, shared wi
 # %% auto #0
 __all__ = ['MANIFEST', 'SIGNATURE', 'KEY_ENV', 'MANIFEST_FORMAT', 'ArtifactError', 'ArtifactVersionError', 'ArtifactWarning',
            'json_dumps_safe', 'atomic_write_bytes', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic',
-           'library_versions', 'sha256_file', 'artifact_key', 'manifest_signature', 'check_signature',
-           'recover_artifact_dir', 'clean_stale', 'ArtifactWriter', 'read_manifest', 'verify_manifest', 'load_bytes',
-           'load_json', 'load_joblib', 'load_torch_state']
+           'library_versions', 'sha256_file', 'manifest_sha256', 'artifact_key', 'manifest_signature',
+           'check_signature', 'recover_artifact_dir', 'clean_stale', 'ArtifactWriter', 'read_manifest',
+           'verify_manifest', 'load_bytes', 'load_json', 'load_joblib', 'load_torch_state']
 
 # %% ../nbs/07_artifacts.ipynb #8fd63925
 class ArtifactError(PipelineError):
@@ -146,6 +146,15 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
     with open(path, 'rb') as f:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
+
+def manifest_sha256(artifact_dir, manifest: dict | None = None) -> str:
+    """SHA-256 of `artifact_dir`'s manifest.json: the identity of the whole folder, since it hashes every file. Given
+    `manifest` (as verified), the file must still hold it: a folder replaced in between is refused, not mislabelled."""
+    mp = Path(artifact_dir)/MANIFEST
+    raw = mp.read_bytes()
+    if manifest is not None and json.loads(raw) != manifest:
+        raise ArtifactError(f'{_show(mp)} changed while it was being read (another write replaced the folder); load it again')
+    return hashlib.sha256(raw).hexdigest()
 
 # %% ../nbs/07_artifacts.ipynb #cfd4e420
 def artifact_key() -> bytes | None:
