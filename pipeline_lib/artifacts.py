@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
+import hmac
 import io
 import json
 import math
@@ -31,10 +32,11 @@ from .config import PipelineError, repo_root
 from .metrics import json_safe  # one definition of JSON-ready values, shared with metrics
 
 # %% auto #0
-__all__ = ['MANIFEST', 'MANIFEST_FORMAT', 'ArtifactError', 'ArtifactVersionError', 'ArtifactWarning', 'json_dumps_safe',
-           'atomic_write_bytes', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic', 'library_versions',
-           'sha256_file', 'recover_artifact_dir', 'clean_stale', 'ArtifactWriter', 'read_manifest', 'verify_manifest',
-           'load_bytes', 'load_json', 'load_joblib', 'load_torch_state']
+__all__ = ['MANIFEST', 'SIGNATURE', 'KEY_ENV', 'MANIFEST_FORMAT', 'ArtifactError', 'ArtifactVersionError', 'ArtifactWarning',
+           'json_dumps_safe', 'atomic_write_bytes', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic',
+           'library_versions', 'sha256_file', 'manifest_sha256', 'artifact_key', 'manifest_signature',
+           'check_signature', 'recover_artifact_dir', 'clean_stale', 'ArtifactWriter', 'read_manifest',
+           'verify_manifest', 'load_bytes', 'load_json', 'load_joblib', 'load_torch_state']
 
 # %% ../nbs/07_artifacts.ipynb #8fd63925
 class ArtifactError(PipelineError):
@@ -47,6 +49,8 @@ class ArtifactWarning(UserWarning):
     "An artifact differs from what the caller expects in a way the caller chose to tolerate."
 
 MANIFEST = 'manifest.json'
+SIGNATURE = 'manifest.sig'            # HMAC-SHA256 of manifest.json, written when a key is set
+KEY_ENV = 'PIPELINE_ARTIFACT_KEY'      # the environment variable holding that key
 MANIFEST_FORMAT = 1
 
 # %% ../nbs/07_artifacts.ipynb #599a964d
@@ -143,6 +147,39 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk): h.update(b)
     return h.hexdigest()
 
+def manifest_sha256(artifact_dir, manifest: dict | None = None) -> str:
+    """SHA-256 of `artifact_dir`'s manifest.json: the identity of the whole folder, since it hashes every file. Given
+    `manifest` (as verified), the file must still hold it: a folder replaced in between is refused, not mislabelled."""
+    mp = Path(artifact_dir)/MANIFEST
+    raw = mp.read_bytes()
+    if manifest is not None and json.loads(raw) != manifest:
+        raise ArtifactError(f'{_show(mp)} changed while it was being read (another write replaced the folder); load it again')
+    return hashlib.sha256(raw).hexdigest()
+
+# %% ../nbs/07_artifacts.ipynb #cfd4e420
+def artifact_key() -> bytes | None:
+    "The signing key from `$PIPELINE_ARTIFACT_KEY` (None when unset or empty: hashes only)."
+    k = os.environ.get(KEY_ENV, '')
+    return k.encode() if k else None
+
+def manifest_signature(manifest_bytes: bytes, key: bytes) -> str:
+    "Hex HMAC-SHA256 of the manifest's exact bytes under `key`."
+    return hmac.new(key, manifest_bytes, hashlib.sha256).hexdigest()
+
+def check_signature(artifact_dir, manifest_bytes: bytes, key: bytes | None, what: str = 're-run the step that writes it'):
+    "Refuse `artifact_dir` unless `manifest.sig` is the HMAC of `manifest_bytes` under `key` (no key: nothing to check)."
+    if key is None: return
+    d = Path(artifact_dir)
+    sp = d/SIGNATURE
+    if not sp.is_file():
+        raise ArtifactError(f'{_show(sp)} is missing, but {KEY_ENV} is set, so every manifest must be signed: these '
+                            f'artifacts were written without the key (or their signature was removed); {what} with '
+                            f'{KEY_ENV} set')
+    if not hmac.compare_digest(sp.read_text().strip(), manifest_signature(manifest_bytes, key)):
+        raise ArtifactError(f'{_show(d/MANIFEST)} does not match its signature {_show(sp)}: the manifest was changed '
+                            f'after it was signed, or signed with another key than {KEY_ENV} holds now; do not load '
+                            f'these artifacts: {what}')
+
 # %% ../nbs/07_artifacts.ipynb #2be0f4dd
 _STALE_AGE_S = 24 * 3600
 
@@ -192,8 +229,8 @@ def _check_name(name: str) -> str:
     p = Path(name)
     if p.is_absolute() or '..' in p.parts or not p.parts or name in ('.',):
         raise ArtifactError(f'Artifact file name {name!r} must be a relative path inside the artifact folder')
-    if p.as_posix() == MANIFEST:
-        raise ArtifactError(f'{MANIFEST} is written by ArtifactWriter itself; choose another file name')
+    if p.as_posix() in (MANIFEST, SIGNATURE):
+        raise ArtifactError(f'{p.as_posix()} is written by ArtifactWriter itself; choose another file name')
     return p.as_posix()
 
 # %% ../nbs/07_artifacts.ipynb #86bdff82
@@ -250,7 +287,7 @@ class ArtifactWriter:
         for p in sorted(self.staging.rglob('*')):
             if not p.is_file(): continue
             rel = p.relative_to(self.staging).as_posix()
-            if rel == MANIFEST or rel in self.preserve: continue
+            if rel in (MANIFEST, SIGNATURE) or rel in self.preserve: continue
             with open(p, 'rb') as f:
                 h = hashlib.sha256()
                 while b := f.read(1 << 20): h.update(b)
@@ -285,6 +322,9 @@ class ArtifactWriter:
             if exc_type is None:
                 self.manifest = self._build_manifest()
                 atomic_write_json(self.staging/MANIFEST, self.manifest)
+                if (key := artifact_key()) is not None:   # signed before the swap: the folder appears signed or not at all
+                    sig = manifest_signature((self.staging/MANIFEST).read_bytes(), key)
+                    atomic_write_bytes(self.staging/SIGNATURE, (sig + '\n').encode())
                 self._swap()
         finally:
             if self.staging is not None and self.staging.exists(): shutil.rmtree(self.staging, ignore_errors=True)
@@ -327,6 +367,10 @@ def _wait_for_dir(d: Path, wait_s: float) -> bool:
 
 def read_manifest(artifact_dir, *, kind: str | None = None, hint: str | None = None, wait_s: float = 2.0) -> dict:
     "The manifest of `artifact_dir`, without checking files; `ArtifactError` when the folder or manifest is missing or unreadable."
+    return _read_manifest(artifact_dir, kind, hint, wait_s)[0]
+
+def _read_manifest(artifact_dir, kind, hint, wait_s) -> tuple[dict, bytes]:
+    "(manifest, the exact bytes it was parsed from)."
     d = Path(artifact_dir)
     what = _hint(None, kind, hint)
     if not _wait_for_dir(d, wait_s):
@@ -338,21 +382,26 @@ def read_manifest(artifact_dir, *, kind: str | None = None, hint: str | None = N
     if not mp.is_file():
         raise ArtifactError(f'{_show(mp)} is missing, so the files in {_show(d)} cannot be verified (they were not written '
                             f'by ArtifactWriter, or were copied without their manifest); {what}')
-    m = read_json(mp)
+    raw = mp.read_bytes()
+    try: m = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f'{_show(mp)} is not valid JSON ({e}); it was damaged or edited by hand; {what}') from None
     if not isinstance(m, dict) or not isinstance(m.get('files'), dict) or 'kind' not in m:
         raise ArtifactError(f'{_show(mp)} is not an artifact manifest (no kind/files); {what}')
     if m.get('format', 0) > MANIFEST_FORMAT:
         raise ArtifactError(f'{_show(mp)} has manifest format {m.get("format")}, newer than this pipeline_lib '
                             f'understands ({MANIFEST_FORMAT}); upgrade pipeline_lib or {what}')
-    return m
+    return m, raw
 
 def verify_manifest(artifact_dir, expect: dict | None = None, *, kind: str | None = None,
                     on_mismatch: str | dict = 'error', on_version: str = 'warn',
                     hint: str | None = None, wait_s: float = 2.0) -> dict:
-    "Check an artifact folder against its manifest (every file's presence, size, SHA-256), its `kind` and `expect`; return the manifest."
+    """Check an artifact folder against its manifest (its signature when `$PIPELINE_ARTIFACT_KEY` is set, every file's
+    presence, size, SHA-256), its `kind` and `expect`; return the manifest."""
     d = Path(artifact_dir)
-    m = read_manifest(d, kind=kind, hint=hint, wait_s=wait_s)
+    m, raw = _read_manifest(d, kind, hint, wait_s)
     what = _hint(m, kind, hint)
+    check_signature(d, raw, artifact_key(), what)   # first: a forged manifest's hashes and meta mean nothing
     if kind is not None and m['kind'] != kind:
         raise ArtifactError(f'{_show(d)} holds a {m["kind"]!r} artifact, not the {kind!r} artifact expected here '
                             f'(wrong folder?); point to the right folder or {_hint(None, kind, hint)}')

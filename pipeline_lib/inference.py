@@ -19,7 +19,7 @@ import pandas as pd
 import yaml
 
 from .artifacts import (ArtifactError, ArtifactVersionError, ArtifactWarning, atomic_write_bytes, library_versions,
-                                    merge_json_atomic, read_json, sha256_file, verify_manifest)
+                                    manifest_sha256, merge_json_atomic, read_json, sha256_file, verify_manifest)
 from .config import PipelineError, config_hash, load_settings, read_yaml, repo_root
 from .data import BAR_COLUMNS, DataError, infer_interval, load_bars
 from .features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SEQUENCE_NAMES', 'InferenceError', 'find_run', 'register_run', 'verify_run', 'feature_columns',
-           'subset_config', 'history_position', 'LoadedRun', 'load_run', 'check_bars', 'tail_slice', 'predict_bars',
-           'short_history_note', 'build_parser', 'main']
+           'subset_config', 'cross_sectional_columns', 'InferenceWarning', 'check_universe', 'history_position',
+           'LoadedRun', 'load_run', 'check_bars', 'tail_slice', 'predict_bars', 'short_history_note', 'build_parser',
+           'main']
 
 # %% ../nbs/40_inference.ipynb #9d2483ed
 class InferenceError(PipelineError):
@@ -82,6 +83,12 @@ def verify_run(reports_dir) -> tuple[dict, dict, dict]:
     if not rec.get('artifact_root'): raise InferenceError(f'{d}/metrics.json has no run.artifact_root: {how}')
     if rec.get('status') == 'running':
         raise InferenceError(f'Run {d.name} is still running (or was killed): its artifacts were never hashed; wait for it or re-run it')
+    not_ok = {p: (r or {}).get('status') for p, r in sorted((rec.get('phases') or {}).items()) if (r or {}).get('status') != 'ok'}
+    if rec.get('status') != 'ok' or not_ok:
+        which = ', '.join(f'Phase {p} {s}' for p, s in not_ok.items()) or 'no phase recorded as failed'
+        raise InferenceError(f'Run {d.name} is recorded as {rec.get("status")!r} ({which}): a phase that did not finish '
+                             'may have left no models, or an earlier run\'s, so the run is not used for prediction; '
+                             f're-run it (python run_notebooks.py --run-name {d.name} ...) or load a run that finished')
     if not rec.get('artifacts'):
         raise InferenceError(f'{d}/metrics.json records no artifact hashes (run.artifacts), so nothing can be verified: {how}')
     if not (d/'config.yaml').is_file(): raise InferenceError(f'{d}/config.yaml (the resolved config) is missing: {how}')
@@ -130,6 +137,45 @@ def subset_config(feature_config: dict, columns) -> dict:
     return {'families': fams, 'user_columns': feature_config['user_columns'],
             'bars_per_session': feature_config['bars_per_session']}
 
+def cross_sectional_columns(feature_config: dict, columns) -> list[str]:
+    "The registry columns of `columns` whose family reads other symbols' bars (kind 'cross_section')."
+    fc = feature_columns(feature_config)
+    return [c for c in columns if c in fc and FEATURE_FAMILIES[fc[c][0]].kind == 'cross_section']
+
+class InferenceWarning(UserWarning):
+    "A request answered, but not the way the run was evaluated (a partial or extended universe)."
+
+def _few(names, n: int = 5) -> str:
+    names = list(names)
+    return ', '.join(map(str, names[:n])) + (f', ... ({len(names)} in all)' if len(names) > n else f' ({len(names)})')
+
+def check_universe(run, symbols, columns, allow_partial_universe: bool = False) -> None:
+    """Refuse (`InferenceError`), or warn with `allow_partial_universe`, when `columns` (the raw features the request
+    reads) include cross-sectional ones and `symbols` lack some of `run.universe`; warn about symbols outside it."""
+    cs = cross_sectional_columns(run.feature_config, columns)
+    if not cs: return
+    have = set(map(str, symbols))
+    head = (f'The models asked of run {run.name} read {len(cs)} cross-sectional feature(s) ({_few(cs, 3)}), computed '
+            'across the symbols present at each timestamp')
+    if run.universe is None:
+        missing_words = ('but the run records no training universe (its Phase 1 predates it), so a missing symbol '
+                         'cannot be detected; re-run Phase 1-3')
+    else:
+        missing = [s for s in run.universe if s not in have]
+        missing_words = (f'but the request lacks {len(missing)} of the {len(run.universe)} symbols they were trained '
+                         f'with: {_few(missing)}. Alone or in a smaller set, those features mean something else (a '
+                         'lone symbol\'s market-relative return is 0); send bars of every training symbol') if missing else None
+        extra = sorted(have - set(run.universe))
+        if extra:
+            warnings.warn(f'{head}; the request adds {_few(extra)} symbol(s) outside the training universe: they shift '
+                          'those means and ranks for every symbol. Predicting anyway; drop them to reproduce the '
+                          'features the run was trained on', InferenceWarning, stacklevel=3)
+    if missing_words is None: return
+    if not allow_partial_universe:
+        raise InferenceError(f'{head}, {missing_words}, or pass allow_partial_universe=True (--allow-partial-universe) '
+                             'to predict anyway with a warning')
+    warnings.warn(f'{head}, {missing_words}. Predicting anyway (allow_partial_universe)', InferenceWarning, stacklevel=3)
+
 def history_position(symbols) -> np.ndarray:
     "Per row, how many earlier rows its symbol has (rows grouped by symbol)."
     s = pd.Series(np.asarray(symbols))
@@ -151,6 +197,7 @@ class LoadedRun:
     sequence: object = None         # Phase 3's SequenceModels (None without Phase 3)
     interval: pd.Timedelta | None = None
     feature_config: dict = field(default_factory=dict)
+    universe: list | None = None    # the training symbols (Phase 1's manifest); None for runs that predate it
     short_history_: dict = field(default_factory=dict)
     last_seconds_: float | None = None
 
@@ -196,9 +243,10 @@ class LoadedRun:
         w = max([warm.get(c, 0) for c in self.raw_columns(model)] or [0])
         return w + (self.sequence.lookback - 1 if model in SEQUENCE_NAMES else 0)
 
-    def predict(self, bars: pd.DataFrame, models=None, targets=None, *, last_only: bool = False) -> pd.DataFrame:
+    def predict(self, bars: pd.DataFrame, models=None, targets=None, *, last_only: bool = False,
+                allow_partial_universe: bool = False) -> pd.DataFrame:
         "Predictions for `bars` (canonical frame); see `predict_bars`."
-        return predict_bars(self, bars, models, targets, last_only=last_only)
+        return predict_bars(self, bars, models, targets, last_only=last_only, allow_partial_universe=allow_partial_universe)
 
 def _names(given, avail: list, what: str, run: str) -> list:
     if given is None: return list(avail)
@@ -208,26 +256,39 @@ def _names(given, avail: list, what: str, run: str) -> list:
     return given
 
 # %% ../nbs/40_inference.ipynb #b34ab0ed
+def _short(path) -> str:
+    "`path` relative to the repo root when inside it (for messages)."
+    p = Path(path).resolve()
+    try: return str(p.relative_to(repo_root())) + '/'
+    except ValueError: return str(p)
+
 def load_run(run, reports_base=None) -> LoadedRun:
     "Find `run` (name or `reports/<run>` path), verify every artifact it recorded, and load its models."
-    from pipeline_lib.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phase1 import FeatureTransformer, phase1_binding, phase1_expect
     d = find_run(run, reports_base)
     cfg, rec, found = verify_run(d)
     md, m1 = found['phase1']
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', ArtifactWarning)
         ft = FeatureTransformer.load(md, phase1_expect(cfg), on_version='error')
-    cols_hash = (m1.get('meta') or {}).get('output_columns_hash')
-    out = LoadedRun(name=str(rec.get('name') or d.name), reports_dir=d, config=cfg, record=rec, manifests=found,
-                    transformer=ft, feature_config=normalise_feature_config(cfg.get('features')))
+    name = str(rec.get('name') or d.name)
+    p1_sha = manifest_sha256(md, m1)
+    for kind in ('phase2', 'phase3'):   # before anything of theirs is unpickled
+        if kind not in found: continue
+        why = phase1_binding(f'Phase {kind[-1]} models', (found[kind][1].get('meta') or {}).get('phase1_manifest_sha256'),
+                             p1_sha, _short(md))
+        if why: raise InferenceError(f'Run {name}: {why}: re-run Phases 2-3 or load the run that wrote them')
+    out = LoadedRun(name=name, reports_dir=d, config=cfg, record=rec, manifests=found, transformer=ft,
+                    feature_config=normalise_feature_config(cfg.get('features')),
+                    universe=(m1.get('meta') or {}).get('universe'))
     iv = (m1.get('meta') or {}).get('interval')
     out.interval = pd.Timedelta(iv) if iv else None
     if 'phase2' in found:
         from pipeline_lib.phase2 import load_core_models
-        out.core = load_core_models(found['phase2'][0], {'phase1_output_columns_hash': cols_hash})
+        out.core = load_core_models(found['phase2'][0], {'phase1_manifest_sha256': p1_sha})
     if 'phase3' in found:
         from pipeline_lib.phase3 import load_sequence_models
-        out.sequence = load_sequence_models(found['phase3'][0], {'phase1_output_columns_hash': cols_hash})
+        out.sequence = load_sequence_models(found['phase3'][0], {'phase1_manifest_sha256': p1_sha})
     if out.core is None and out.sequence is None:
         raise InferenceError(f'Run {out.name} has Phase 1 artifacts only; train models with --phases 2 (or 3) first')
     return out
@@ -266,8 +327,11 @@ def tail_slice(bars: pd.DataFrame, n_rows: int) -> pd.DataFrame:
     return bars[bars['timestamp'].to_numpy() >= starts.min()].reset_index(drop=True)
 
 # %% ../nbs/40_inference.ipynb #5dcb71f2
-def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, *, last_only: bool = False) -> pd.DataFrame:
-    "`<model>__<target>` predictions indexed by (symbol, timestamp); NaN (counted in `run.short_history_`) without enough history."
+def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, *, last_only: bool = False,
+                 allow_partial_universe: bool = False) -> pd.DataFrame:
+    """`<model>__<target>` predictions indexed by (symbol, timestamp); NaN (counted in `run.short_history_`) without
+    enough history. Refused when the models read cross-sectional features and `bars` lack training symbols, unless
+    `allow_partial_universe` (then a warning); see `check_universe`."""
     t0 = time.perf_counter()
     cols = run.columns(models, targets)
     chosen = list(dict.fromkeys(c.split('__')[0] for c in cols))
@@ -278,6 +342,7 @@ def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, 
     if bad: raise DataError(f'bars lack the user column behind feature {bad[0]!r} that run {run.name} reads',
                             column=bad[0].removeprefix('user_'))
     b = check_bars(bars, run, [src[c] for c in users])
+    check_universe(run, b['symbol'].unique(), need, allow_partial_universe)
     req = {m: run.required_history(m) for m in chosen}
     pos_all = history_position(b['symbol'])
     if last_only:
@@ -342,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--models', nargs='+', default=None, help='model names (default: all the run has)')
     p.add_argument('--targets', nargs='+', default=None, help='target names (default: all)')
     p.add_argument('--last-only', action='store_true', help='only the latest bar of each symbol (the live case)')
+    p.add_argument('--allow-partial-universe', action='store_true',
+                   help='predict although the bars lack symbols the run was trained with and its models read '
+                        'cross-sectional features (a warning instead of a refusal)')
     p.add_argument('--reports-dir', default=None, help="reports base folder (default: settings.ini's)")
     return p
 
@@ -353,7 +421,13 @@ def main(argv=None) -> int:
         run = load_run(args.run, args.reports_dir)
         bars = load_bars(args.data_dir)
         t1 = time.perf_counter()
-        P = run.predict(bars, args.models, args.targets, last_only=args.last_only)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always', InferenceWarning)
+            P = run.predict(bars, args.models, args.targets, last_only=args.last_only,
+                            allow_partial_universe=args.allow_partial_universe)
+        for w in caught:
+            if issubclass(w.category, InferenceWarning): print(f'warning: {w.message}', file=sys.stderr)
+            else: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         t2 = time.perf_counter()
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

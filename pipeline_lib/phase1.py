@@ -21,7 +21,7 @@ from sklearn.preprocessing import RobustScaler
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .artifacts import (ArtifactError, ArtifactWriter, json_safe, load_joblib, load_json, merge_json_atomic,
-                                    read_manifest, verify_manifest)
+                                    manifest_sha256, read_manifest, verify_manifest)
 from .config import PipelineError, config_hash, deep_merge, load_settings
 from .features import FEATURE_LIBRARY_VERSION, normalise_feature_config
 from .regimes import RegimeModel, regime_names, regime_stats, transition_matrix
@@ -32,8 +32,8 @@ from .vae import VAEEncoder
 # %% auto #0
 __all__ = ['ENGINEERING_DEFAULTS', 'ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_settings', 'is_path_target',
            'primary_horizon', 'transformer_params', 'FeatureTransformer', 'top_features_file', 'feature_config_hash',
-           'phase1_expect', 'save_transformer', 'load_transformer', 'Phase1Missing', 'check_phase1', 'load_phase1',
-           'Phase1Result', 'bar_returns', 'phase1_metrics', 'run_phase1']
+           'phase1_expect', 'save_transformer', 'load_transformer', 'Phase1Missing', 'check_phase1', 'phase1_binding',
+           'load_phase1', 'Phase1Result', 'bar_returns', 'phase1_metrics', 'run_phase1']
 
 # %% ../nbs/10_phase1_feature_selection.ipynb #95718fa4
 ENGINEERING_DEFAULTS = {
@@ -372,6 +372,7 @@ def load_transformer(metadata_dir, expect: dict | None = None, *, on_version: st
     ft.feature_names_out_ = np.asarray(top['output_columns'], dtype=object)
     ft.selection_, ft.leakage_, ft.regime_vol_feature_ = None, top.get('leakage'), top.get('regime_vol_feature')
     ft.timings_, ft.manifest_, ft._top = {}, m, top
+    ft.manifest_sha256_ = manifest_sha256(d, m)   # what Phases 2-3 record as the Phase 1 they were trained on
     return ft
 
 # %% ../nbs/10_phase1_feature_selection.ipynb #ddfb7a7f
@@ -388,6 +389,16 @@ def check_phase1(metadata_dir, cfg: dict, phase: int) -> dict:
     from pipeline_lib.runner import check_phase1_artifacts  # the driver runs the same check before any kernel starts
     try: return check_phase1_artifacts(Path(metadata_dir), cfg, [phase], f'python run_notebooks.py --phases 1 {phase}')
     except PipelineError as e: raise Phase1Missing(f'{str(e).rstrip(".")}. {_PHASE1_HINT}') from None
+
+def phase1_binding(what: str, recorded: str | None, current: str, metadata_dir) -> str | None:
+    """None when `recorded` (the SHA-256 of the Phase 1 manifest that `what` was trained on) is `current` (the one in
+    `metadata_dir` now); else the sentence that says so. Column names alone would match after a Phase 1 re-run with
+    another VAE or selection setting, and old models would read new latents."""
+    if recorded and recorded == current: return None
+    if not recorded:
+        return (f'{what} record no Phase 1 manifest hash (written before pipeline_lib recorded one), so nothing shows '
+                f'they were trained on the Phase 1 artifacts now in {metadata_dir} ({current[:12]}...)')
+    return f'{what} were trained on Phase 1 manifest {recorded[:12]}..., but {metadata_dir} now holds {current[:12]}...'
 
 def load_phase1(metadata_dir, cfg: dict, phase: int, fingerprint: str | None = None) -> FeatureTransformer:
     "Phase 1's fitted `FeatureTransformer` for Phase `phase`, from verified artifacts built with `cfg` (and data `fingerprint`)."
@@ -521,7 +532,8 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     meta = {'config': cfg, 'config_hash': config_hash(cfg), 'feature_config': fc,
             'feature_config_hash': feature_config_hash(cfg.get('features')), 'feature_library_version': FEATURE_LIBRARY_VERSION,
             'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'primary_target': target,
-            'run_name': run_name, 'n_train_rows': int(len(tr)), 'interval': str(rd.interval)}
+            'run_name': run_name, 'n_train_rows': int(len(tr)), 'interval': str(rd.interval),
+            'universe': sorted(rd.bars['symbol'].astype(str).unique())}   # cross-sectional features depend on it
     manifest = ft.save(metadata_dir, meta)
     timings['save'] = time.perf_counter() - t0
     seconds = time.perf_counter() - t_start

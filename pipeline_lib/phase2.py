@@ -644,7 +644,8 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     meta = {'phase': 2, 'config_hash': config_hash(cfg), 'phase2_config': clean, 'primary_target': primary,
             'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name,
             'phase1_features_hash': pm.get('features_hash'), 'phase1_output_columns_hash': pm.get('output_columns_hash'),
-            'phase1_config_hash': pm.get('config_hash'), 'input_columns': list(X.columns), 'targets': lgbm_targets,
+            'phase1_config_hash': pm.get('config_hash'), 'phase1_manifest_sha256': getattr(ft, 'manifest_sha256_', None),
+            'input_columns': list(X.columns), 'targets': lgbm_targets,
             'heads': heads, 'models': model_list}
     core_dir = output_dir/CORE_DIR
     manifest = write_core_models(core_dir, fits, meta)

@@ -16,10 +16,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .artifacts import ArtifactError, ArtifactWriter, load_json, load_torch_state, merge_json_atomic, read_json, verify_manifest
+from .artifacts import (ArtifactError, ArtifactWriter, load_json, load_torch_state, merge_json_atomic, read_json,
+                                    read_manifest, verify_manifest)
 from .metrics import SPLITS, evaluate, evaluate_splits, json_safe, results_row
 from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
 from .targets import demean_returns, fitting_targets
+from .train import PRECISIONS
 from .sequence import (MODELS, TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_config,
                                    model_from_state, predict_windows, window_ends, window_mask)
 
@@ -44,6 +46,7 @@ PHASE3_DEFAULTS = {
     'num_threads': None,             # None: $OMP_NUM_THREADS, else the cores other processes leave idle
     'batch_size': 256,
     'eval_batch_size': 512,
+    'predict_precision': 'float32',  # float32 | bfloat16 | float16: how Phase 3 scores and how its models serve
     'lr': 0.001,
     'weight_decay': 0.01,
     'grad_clip': 1.0,
@@ -75,6 +78,8 @@ def phase3_settings(cfg: dict) -> dict:
     if unknown: raise PipelineError(f'Unknown model(s) {unknown} in phase3.models; available: {", ".join(MODEL_NAMES)}')
     if not models: raise PipelineError('phase3.models is empty; name at least one of ' + ', '.join(MODEL_NAMES))
     s['models'] = models
+    if s['predict_precision'] not in PRECISIONS:
+        raise PipelineError(f'phase3.predict_precision must be one of {", ".join(PRECISIONS)}, not {s["predict_precision"]!r}')
     L = s['lookback']
     if isinstance(L, bool) or not isinstance(L, int) or L < 1:
         raise PipelineError(f'phase3.lookback must be a whole number of bars >= 1, not {L!r}')
@@ -232,6 +237,7 @@ class SequenceModels:
     lookback: int
     manifest: dict
     histories: dict = field(default_factory=dict)
+    precision: dict = field(default_factory=dict)   # name -> predict_precision it was scored with (manifest meta)
 
     def predict(self, X, symbols, *, device='cpu', batch_size: int = 512) -> pd.DataFrame:
         "`<model>__<target>` predictions for every row of `X` (Phase 1's features, aligned with `symbols`); NaN without a full window."
@@ -245,7 +251,8 @@ class SequenceModels:
         for name, m in self.models.items():
             r = self.records[name]
             p = np.full(len(idx), np.nan)
-            p[ends] = predict_windows(m, X, ends, self.lookback, batch_size, device) * r['target_std'] + r['target_mean']
+            p[ends] = (predict_windows(m, X, ends, self.lookback, batch_size, device, self.precision.get(name, 'float32'))
+                       * r['target_std'] + r['target_mean'])
             out[f'{name}__{self.primary_target}'] = p
         return out
 
@@ -260,7 +267,8 @@ def load_sequence_models(out_dir, expect: dict | None = None) -> SequenceModels:
               for name, rec in summary['models'].items()}
     return SequenceModels(models=models, records=summary['models'], input_columns=summary['input_columns'],
                           primary_target=summary['primary_target'], lookback=int(summary['lookback']), manifest=m,
-                          histories={n: pd.DataFrame(h) for n, h in (summary.get('histories') or {}).items()})
+                          histories={n: pd.DataFrame(h) for n, h in (summary.get('histories') or {}).items()},
+                          precision=dict((m.get('meta') or {}).get('predict_precision') or {}))
 
 # %% ../nbs/30_phase3_sequential_models.ipynb #eb89166e
 @dataclass
@@ -295,12 +303,23 @@ class Phase3Result:
             rows[m] = r
         return pd.DataFrame(rows).T
 
+def _stale_phase2(output_dir, ft, metadata_dir) -> str | None:
+    "Why Phase 2's models next to this phase's (`<output_dir>/core_models`) cannot be compared with it, or None."
+    from pipeline_lib.phase1 import phase1_binding
+    from pipeline_lib.phase2 import CORE_DIR
+    d = Path(output_dir)/CORE_DIR
+    if not (d/'manifest.json').is_file(): return None
+    meta = read_manifest(d).get('meta') or {}
+    why = phase1_binding(f'The Phase 2 models in {d}', meta.get('phase1_manifest_sha256'), ft.manifest_sha256_, metadata_dir)
+    return (f'{why}: Phase 1 was re-run after Phase 2, so Phase 2\'s predictions come from other features and are '
+            'left out of this comparison; re-run Phase 2 (python run_notebooks.py --phases 2) to compare them') if why else None
+
 def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None, output_dir=None,
                run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase3Result:
     """Phase 3 for the run `cfg` describes. Reads Phase 1's artifacts from `metadata_dir` (default
     `<artifact_root>/metadata`), writes models to `<output_dir>/sequential_models` (default `<artifact_root>/output`),
     and, with `reports_dir`, merges `predictions.parquet` and the `phase3` key of `metrics.json` there."""
-    from pipeline_lib.phase2 import merge_predictions, prediction_frame
+    from pipeline_lib.phase2 import MODEL_NAMES as P2_MODEL_NAMES, merge_predictions, prediction_frame
     say = print if progress else (lambda *a, **k: None)
     t_start, c_start = time.perf_counter(), time.process_time()
     metadata_dir, output_dir = artifact_dirs(artifact_root, metadata_dir, output_dir, 'run_phase3')
@@ -366,7 +385,9 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     meta = {'phase': 3, 'config_hash': config_hash(cfg), 'primary_target': primary, 'lookback': L,
             'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name,
             'phase1_features_hash': pm.get('features_hash'), 'phase1_output_columns_hash': pm.get('output_columns_hash'),
-            'phase1_config_hash': pm.get('config_hash'), 'input_columns': cols, 'models': list(fits),
+            'phase1_config_hash': pm.get('config_hash'), 'phase1_manifest_sha256': getattr(ft, 'manifest_sha256_', None),
+            'predict_precision': {n: f.train['predict_precision'] for n, f in fits.items()},   # scoring = serving
+            'input_columns': cols, 'models': list(fits),
             'model_configs': {n: {'arch': mc['arch'], 'train': mc['train'], 'file': mc['file']} for n, mc in mcfgs.items()},
             'phase3_config': {k: v for k, v in settings.items() if k != 'models'}}
     seq_dir = output_dir/SEQ_DIR
@@ -382,7 +403,12 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
         mj = reports_dir/'metrics.json'
         if mj.exists(): p2_metrics = read_json(mj).get('phase2')
         timings['write_predictions'] = time.perf_counter() - t0
+    stale = _stale_phase2(output_dir, ft, metadata_dir)
+    if stale:   # Phase 2's models were trained on another Phase 1: not the same features, so not a fair comparison
+        warnings.warn(stale, stacklevel=2)
+        P, p2_metrics = P.drop(columns=[c for c in P.columns if c.split('__')[0] in P2_MODEL_NAMES]), None
     table, comp = compare_with_phase2(P, primary, list(fits), p2_metrics)
+    if stale: comp['phase2_stale'], comp['message'] = stale, stale
     seconds = time.perf_counter() - t_start
     capped = {n: d['capped'] for n, d in models.items() if d['capped']['active']}
     metrics = json_safe({

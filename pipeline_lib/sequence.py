@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 
 from .data import DataError
 from .splits import SPLITS
-from .train import (available_cpus, fit_torch, make_loader, masked_mse, predict_torch, resolve_device)
+from .train import (PRECISIONS, available_cpus, fit_torch, make_loader, masked_mse, predict_torch,
+                                 resolve_device)
 
 # %% auto #0
 __all__ = ['POOLINGS', 'MODELS', 'MODEL_DIR', 'TRAIN_DEFAULTS', 'symbol_starts', 'window_mask', 'window_ends', 'as_float32_array',
@@ -268,6 +269,7 @@ TRAIN_DEFAULTS = {
     'batch_size': 256, 'eval_batch_size': 512, 'lr': 1e-3, 'weight_decay': 1e-2, 'grad_clip': 1.0,
     'scheduler': 'cosine', 'max_epochs': 50, 'patience': 5, 'max_train_windows': None, 'max_valid_windows': None,
     'target_clip': 5.0, 'time_limit': None, 'seed': 42, 'device': 'auto', 'num_threads': None, 'amp': True,
+    'predict_precision': 'float32',   # scoring and serving: one arithmetic on any device (train.PRECISIONS)
 }
 
 def resolve_threads(n: int | None = None) -> int:
@@ -285,7 +287,10 @@ def train_settings(overrides: dict | None = None) -> dict:
     "`TRAIN_DEFAULTS` with `overrides` (unknown keys are an error)."
     bad = [k for k in (overrides or {}) if k not in TRAIN_DEFAULTS]
     if bad: raise PipelineError(f'Unknown training key(s) {bad}; training keys: {", ".join(TRAIN_DEFAULTS)}')
-    return {**TRAIN_DEFAULTS, **(overrides or {})}
+    s = {**TRAIN_DEFAULTS, **(overrides or {})}
+    if s['predict_precision'] not in PRECISIONS:
+        raise PipelineError(f'predict_precision must be one of {", ".join(PRECISIONS)}, not {s["predict_precision"]!r}')
+    return s
 
 def _subset(n: int, cap, seed: int) -> np.ndarray:
     "All positions 0..n-1, or a sorted random `cap` of them."
@@ -344,16 +349,18 @@ class SequenceFit:
         return d
 
     def predict(self, X, ends, batch_size: int | None = None, device=None) -> np.ndarray:
-        "Predictions in the target's units for the windows of `X` ending at `ends`."
+        "Predictions in the target's units for the windows of `X` ending at `ends`, in the fit's `predict_precision`."
         return predict_windows(self.model, X, ends, self.lookback, batch_size or self.train['eval_batch_size'],
-                               device or self.device) * self.target_std + self.target_mean
+                               device or self.device, self.train['predict_precision']) * self.target_std + self.target_mean
 
-def predict_windows(model: nn.Module, X, ends, lookback: int, batch_size: int = 512, device='auto') -> np.ndarray:
-    "Raw model outputs (standardised units) for the windows of `X` ending at `ends`."
+def predict_windows(model: nn.Module, X, ends, lookback: int, batch_size: int = 512, device='auto',
+                    precision: str = 'float32') -> np.ndarray:
+    """Raw model outputs (standardised units) for the windows of `X` ending at `ends`: the one prediction function of
+    Phase 3's scoring and of serving, in the named `precision` (train.PRECISIONS) whatever the device."""
     ends = np.asarray(ends, dtype=np.int64)
     if len(ends) == 0: return np.zeros(0, np.float64)
     ds = WindowDataset(X, ends, lookback)
-    return np.asarray(predict_torch(model, batch_loader(ds, batch_size), device=device), dtype=np.float64)
+    return np.asarray(predict_torch(model, batch_loader(ds, batch_size), device=device, precision=precision), dtype=np.float64)
 
 def fit_sequence_model(name: str, X, y, train_ends, valid_ends, lookback: int, *, arch: dict | None = None,
                        train: dict | None = None, progress: bool = True) -> SequenceFit:

@@ -5,6 +5,7 @@
 # %% ../nbs/08_train.ipynb #24cc4003
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -23,8 +24,9 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from .config import PipelineError
 
 # %% auto #0
-__all__ = ['TrainingError', 'seed_everything', 'resolve_device', 'available_cpus', 'set_threads', 'ArrayDataset', 'make_loader',
-           'to_device', 'masked_mse', 'evaluate_loss', 'predict_torch', 'TrainResult', 'fit_torch']
+__all__ = ['PRECISIONS', 'TrainingError', 'seed_everything', 'resolve_device', 'available_cpus', 'set_threads', 'ArrayDataset',
+           'make_loader', 'to_device', 'masked_mse', 'precision_dtype', 'evaluate_loss', 'predict_torch', 'TrainResult',
+           'fit_torch']
 
 # %% ../nbs/08_train.ipynb #06f33673
 class TrainingError(PipelineError):
@@ -159,6 +161,28 @@ def _amp_dtype(device: torch.device, amp: bool):
 def _autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
+PRECISIONS = {'float32': None, 'bfloat16': torch.bfloat16, 'float16': torch.float16}   # name -> autocast dtype
+
+def precision_dtype(precision: str):
+    "The autocast dtype of a named precision (None for 'float32': no autocast); a `TrainingError` names the choices."
+    if precision not in PRECISIONS:
+        raise TrainingError(f'precision must be one of {", ".join(PRECISIONS)}, not {precision!r}')
+    return PRECISIONS[precision]
+
+@contextlib.contextmanager
+def _exact_float32(device: torch.device, on: bool):
+    "Inside: no TF32 in CUDA matmuls and convolutions (they would round float32 inputs to 10 mantissa bits)."
+    if not on or device.type != 'cuda':
+        yield; return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Iterable, loss_fn: Callable, device='auto', *, amp: bool = True,
                   max_batches: int | None = None) -> dict:
@@ -192,19 +216,23 @@ def _concat(parts: list, squeeze: bool):
     return a[:, 0] if squeeze and a.ndim == 2 and a.shape[1] == 1 else a
 
 @torch.no_grad()
-def predict_torch(model: nn.Module, X, *, batch_size: int = 4096, device='auto', amp: bool = True, squeeze: bool = True):
-    "Model outputs over arrays/a Dataset/a loader as numpy (dict or tuple of arrays for multi-head models); (n, 1) squeezed to (n,)."
+def predict_torch(model: nn.Module, X, *, batch_size: int = 4096, device='auto', amp: bool = True,
+                  precision: str | None = None, squeeze: bool = True):
+    """Model outputs over arrays/a Dataset/a loader as numpy (dict or tuple of arrays for multi-head models); (n, 1)
+    squeezed to (n,). `precision` ('float32', 'bfloat16', 'float16'): the same arithmetic on every device; None:
+    autocast on CUDA when `amp`."""
     dev = resolve_device(device)
-    dtype = _amp_dtype(dev, amp)
+    dtype = _amp_dtype(dev, amp) if precision is None else precision_dtype(precision)
     if isinstance(X, (np.ndarray, torch.Tensor, pd.DataFrame, Dataset)): loader = make_loader(X, batch_size=batch_size)
     elif hasattr(X, '__iter__') and not isinstance(X, (tuple, list, dict)): loader = X
     else: raise TrainingError(f'predict_torch needs an array, tensor, DataFrame, Dataset or loader, not {type(X).__name__}')
     model.to(dev).eval()
     outs = []
-    for batch in loader:
-        x = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch  # (inputs, targets) pairs
-        with _autocast(dev, dtype):
-            outs.append(_to_numpy(_forward(model, to_device(x, dev))))
+    with _exact_float32(dev, precision == 'float32'):
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch  # (inputs, targets) pairs
+            with _autocast(dev, dtype):
+                outs.append(_to_numpy(_forward(model, to_device(x, dev))))
     if not outs: raise TrainingError('Nothing to predict: the input has no rows')
     return _concat(outs, squeeze)
 

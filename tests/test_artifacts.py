@@ -14,8 +14,8 @@ import torch
 
 import pipeline_lib
 from pipeline_lib.artifacts import (
-    MANIFEST, ArtifactError, ArtifactWarning, ArtifactWriter, atomic_write_json, json_dumps_safe, library_versions,
-    load_bytes, load_joblib, load_json, load_torch_state, merge_json_atomic, sha256_file, verify_manifest)
+    KEY_ENV, MANIFEST, SIGNATURE, ArtifactError, ArtifactWarning, ArtifactWriter, atomic_write_json, json_dumps_safe,
+    library_versions, load_bytes, load_joblib, load_json, load_torch_state, merge_json_atomic, sha256_file, verify_manifest)
 from pipeline_lib.config import PipelineError
 
 
@@ -217,3 +217,35 @@ def test_other_library_versions_warn_or_refuse_before_unpickling(tmp_path, monke
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         verify_manifest(d, on_version={'sklearn': 'ignore', 'pipeline_lib': 'error', '*': 'error'})
+
+
+def test_keyed_signature_refuses_a_manifest_forged_with_recomputed_hashes(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    unsigned = _write(tmp_path/'unsigned')
+    assert not (unsigned/SIGNATURE).exists()
+    monkeypatch.setenv(KEY_ENV, 'test key')
+    d = _write(tmp_path/'metadata')
+    assert (d/SIGNATURE).is_file() and SIGNATURE not in json.loads((d/MANIFEST).read_text())['files']
+    m = verify_manifest(d, {'feature_list_hash': 'abc'}, kind='phase1')              # signed artifacts verify
+    assert np.array_equal(load_joblib(d, 'model.joblib', m)['coef'], np.arange(3.0))
+    # a forger swaps in a malicious pickle and recomputes its hash and size in the manifest
+    marker = tmp_path/'unpickled'
+    joblib.dump(_Boom(marker), d/'model.joblib')
+    forged = json.loads((d/MANIFEST).read_text())
+    forged['files']['model.joblib'] = {'sha256': sha256_file(d/'model.joblib'), 'size': (d/'model.joblib').stat().st_size}
+    atomic_write_json(d/MANIFEST, forged)
+    with pytest.raises(ArtifactError, match='does not match its signature'):
+        load_joblib(d, 'model.joblib')
+    assert not marker.exists()
+    with pytest.raises(ArtifactError, match=f'{SIGNATURE} is missing.*written without the key'):
+        verify_manifest(unsigned)
+    monkeypatch.setenv(KEY_ENV, 'another key')
+    fresh = _write(tmp_path/'fresh')
+    monkeypatch.setenv(KEY_ENV, 'test key')
+    with pytest.raises(ArtifactError, match='signed with another key'):
+        verify_manifest(fresh)
+    with pytest.raises(ArtifactError, match='written by ArtifactWriter itself'):
+        with ArtifactWriter(tmp_path/'x', 'phase1') as w: w.save_text(SIGNATURE, 'f' * 64)
+    monkeypatch.delenv(KEY_ENV)                                # no key: hashes only, as before, so the forgery passes
+    assert verify_manifest(d)['files']['model.joblib'] == forged['files']['model.joblib']
+    assert verify_manifest(unsigned)
