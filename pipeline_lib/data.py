@@ -20,7 +20,8 @@ from .config import PipelineError
 # %% auto #0
 __all__ = ['BAR_COLUMNS', 'MIN_ROWS', 'PRICE_TOL', 'PRICE_COLUMNS', 'DATA_SUFFIXES', 'SPELLINGS', 'DataError', 'symbol_intervals',
            'infer_interval', 'is_intraday', 'session_ids', 'duration_name', 'DataWarning', 'timestamp_text',
-           'describe_load', 'load_summary', 'load_bars', 'load_options', 'make_market']
+           'describe_load', 'load_summary', 'user_column_list', 'check_load_options', 'load_bars', 'load_options',
+           'make_market']
 
 # %% ../nbs/01_data.ipynb #b75989d3
 BAR_COLUMNS = ['symbol', 'timestamp', 'open', 'high', 'low', 'close', 'volume']
@@ -269,7 +270,8 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
     def at(i): return _at(file, i, column=col, symbol=None if sym is None else str(sym.iloc[i]))
     missing = s.isna().to_numpy()
     if missing.any(): raise DataError('Missing timestamp', **at(missing.argmax()))
-    where = f'converted to {timezone}' if timezone else 'local time of the file'
+    aware_zone = f'converted to {timezone}' if timezone else 'local time of the file'   # offsets dropped, nothing converted
+    naive_zone = f'taken as {timezone}' if timezone else 'local time of the file'
     kind = pd.api.types.infer_dtype(s, skipna=False)
     if kind == 'string' and s.str.fullmatch(r'\s*\d+\s*').all(): s, kind = pd.to_numeric(s), 'integer'   # epoch strings
     if pd.api.types.is_bool_dtype(s) or kind == 'boolean':
@@ -278,7 +280,7 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
         x = s.to_numpy('float64')
         if ((x >= 1e7) & (x < 3e7) & (x % 1 == 0)).all():   # 20240102: a date as YYYYMMDD, not an epoch in 1970
             ts = pd.to_datetime(s.astype('int64').astype(str), format='%Y%m%d', errors='coerce')
-            desc = {'reading': 'YYYYMMDD numbers', 'format': '%Y%m%d', 'zone': f'taken as {timezone}' if timezone else 'as written'}
+            desc = {'reading': 'YYYYMMDD numbers', 'format': '%Y%m%d', 'zone': naive_zone}
         else:
             unit = _epoch_unit(x)
             ts = pd.to_datetime(s, unit=unit, utc=True, errors='coerce')
@@ -287,11 +289,11 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
                     'zone': f'UTC converted to {timezone}' if timezone else 'UTC'}
     elif isinstance(s.dtype, pd.DatetimeTZDtype):
         ts = s.dt.tz_convert(timezone) if timezone else s
-        desc = {'reading': 'datetimes', 'format': str(s.dtype), 'zone': where}
+        desc = {'reading': 'datetimes', 'format': str(s.dtype), 'zone': aware_zone}
     elif pd.api.types.is_datetime64_any_dtype(s) or kind in ('datetime', 'datetime64', 'date'):
         ts = pd.to_datetime(s)   # typed values (parquet): nothing to guess
         if ts.dt.tz is not None and timezone: ts = ts.dt.tz_convert(timezone)
-        desc = {'reading': 'datetimes', 'format': str(ts.dtype), 'zone': (where if ts.dt.tz is not None else f'taken as {timezone}' if timezone else 'as written')}
+        desc = {'reading': 'datetimes', 'format': str(ts.dtype), 'zone': aware_zone if ts.dt.tz is not None else naive_zone}
     elif kind == 'string':
         codes, u = pd.factorize(s.str.strip())
         u = pd.Series(u)
@@ -317,7 +319,7 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
                             + (f' ({n} such rows; the first is named)' if n > 1 else ''), **at(int(first[k])))
         if aware and timezone: parsed = parsed.dt.tz_convert(timezone).dt.tz_localize(None)
         ts = pd.Series(parsed.to_numpy()[codes])
-        desc['zone'] = where if aware else f'taken as {timezone}' if timezone else 'as written (no zone in the file)'
+        desc['zone'] = aware_zone if aware else naive_zone
     else:
         i = int(np.argmax(s.map(lambda v: not isinstance(v, str)).to_numpy())) if kind.startswith('mixed') else 0
         raise DataError(f'Cannot parse timestamp {s.iloc[i]!r}: the column holds {kind} values, not one kind of timestamp', **at(i))
@@ -425,19 +427,27 @@ def load_summary(desc: dict) -> str:
             f"user columns used as features: {', '.join(desc.get('user_columns') or []) or 'none'}"
             + (f" (extra columns ignored: {', '.join(ign)}; list them in features.user_columns to use them)" if ign else ''))
 
-def _user_column_list(user_columns) -> list[str]:
+def user_column_list(user_columns) -> list[str]:
     "`features.user_columns` as a list of names; `DataError` for the old `true` or a name that means a bar column."
     if user_columns is None or user_columns is False: return []
     if user_columns is True or isinstance(user_columns, (str, bytes)) or not hasattr(user_columns, '__iter__'):
         raise DataError(f'features.user_columns must be a list of the extra file columns to use as features, e.g. '
                         f'[spread, imbalance], or [] for none; got {user_columns!r}. Every extra column is no longer '
-                        "used by default: a vendor's next_open or label column would leak straight into the features",
-                        column='user_columns')
+                        "used by default: a vendor's next_open or label column would leak straight into the features")
     names = list(dict.fromkeys(str(c) for c in user_columns))
     bar = [c for c in names if _ALIAS.get(_norm(c))]
     if bar: raise DataError(f'features.user_columns lists {bar[0]!r}, which is the bar column '
                             f'{_ALIAS[_norm(bar[0])]!r}, not an extra column', column=bar[0])
     return names
+
+def check_load_options(date_format=None, dayfirst=None, timezone=None, user_columns=()) -> dict:
+    "`load_bars`' reading options checked (`DataError` saying which setting is wrong) and normalised."
+    if dayfirst is not None and not isinstance(dayfirst, (bool, np.bool_)):
+        raise DataError(f'data.dayfirst must be true, false or null, got {dayfirst!r}')
+    if date_format is not None and not (isinstance(date_format, str) and '%' in date_format):
+        raise DataError(f"data.date_format must be a strftime format like '%d.%m.%Y %H:%M:%S' (or null), got {date_format!r}")
+    return dict(date_format=date_format, dayfirst=None if dayfirst is None else bool(dayfirst),
+                timezone=_check_timezone(timezone), user_columns=user_column_list(user_columns))
 
 def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = None, timezone: str | None = None,
               user_columns=(), adj_close: bool = False, min_rows: int | None = None, tol: float = PRICE_TOL) -> pd.DataFrame:
@@ -448,13 +458,8 @@ def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = N
     `user_columns` are kept. `min_rows` per symbol defaults to `MIN_ROWS`; `tol` is the relative tolerance
     of the OHLC range checks."""
     min_rows = MIN_ROWS if min_rows is None else int(min_rows)
-    if dayfirst is not None and not isinstance(dayfirst, (bool, np.bool_)):
-        raise DataError(f'data.dayfirst must be true, false or null, got {dayfirst!r}', column='dayfirst')
-    if date_format is not None and not (isinstance(date_format, str) and '%' in date_format):
-        raise DataError(f"data.date_format must be a strftime format like '%d.%m.%Y %H:%M:%S' (or null), got {date_format!r}",
-                        column='date_format')
-    when = dict(date_format=date_format, dayfirst=dayfirst, timezone=_check_timezone(timezone))
-    user = _user_column_list(user_columns)
+    when = check_load_options(date_format, dayfirst, timezone, user_columns)
+    user = when.pop('user_columns')
     files = _data_files(path)
     parts = [_read_bars_file(f, adj_close, user, **when) for f in files]
     src = _Sources(files, [n for _, n, _ in parts], [len(df) for df, _, _ in parts])
