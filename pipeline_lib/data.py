@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from pandas.tseries.api import guess_datetime_format
 
 from .config import PipelineError
@@ -184,9 +186,12 @@ def _epoch_unit(x: np.ndarray) -> str:
     m = np.nanmax(np.abs(x)) if len(x) else 0
     return 'ns' if m >= 1e17 else 'us' if m >= 1e14 else 'ms' if m >= 1e11 else 's'
 
-_ISO = r'\s*\d{4}-\d{2}-\d{2}(?:[T ].*)?'                              # year first, dashes: one reading only
-_DMY = r'\s*(\d{1,2})([./-])(\d{1,2})\2(\d{4}|\d{2})(?!\d)(.*)'        # 02.01.2017, 1/13/2017 09:30, 02-01-17
-_AWARE = r'(.*\d:\d\d(?::\d\d(?:[.,]\d+)?)?)\s?(Z|[+-]\d\d:?\d\d)'   # a time of day, then a UTC offset
+# RE2 patterns (pyarrow runs them over all the distinct values of a file at C speed)
+_DIGITS = r'^\s*\d+\s*$'                                              # epoch numbers written as text
+_ISO = r'^\s*\d{4}-\d{2}-\d{2}(?:[T ].*)?$'                           # year first, dashes: one reading only
+_DMY = (r'^\s*(?P<first>\d{1,2})(?P<sep>[./ -])(?P<second>\d{1,2})[./ -](?P<year>\d{4}|\d{2})'
+        r'(?P<rest>(?:\D.*)?)$')                                         # 02.01.2017, 1/13/2017 09:30, 02-01-17, 02 01 2017
+_AWARE = r'^(?P<wall>.*\d:\d\d(?::\d\d(?:[.,]\d+)?)?)\s?(?P<offset>Z|[+-]\d\d:?\d\d)$'   # a time of day, then a UTC offset
 _KINDS = {'iso': 'ISO 8601 (year-month-day)', 'dmy': 'day/month/year or month/day/year', 'other': 'another layout'}
 _SETTINGS = ("set data.dayfirst: true or false, or data.date_format to the strftime format of every file "
              "(load_bars(..., dayfirst=..., date_format=...))")
@@ -201,19 +206,28 @@ def _check_timezone(timezone) -> str | None:
     raise DataError(f'data.timezone {timezone!r} is not an IANA time zone name (like America/New_York, Europe/London '
                     f'or UTC)' + (f'; nearest: {", ".join(near)}' if near else '') + '; or null for the local time of each file')
 
-def _dmy_format(m: pd.Series, dayfirst: bool) -> str | None:
+def _matches(arr: pa.Array, pattern: str) -> np.ndarray:
+    "Which strings of `arr` match the RE2 `pattern`."
+    return pc.match_substring_regex(arr, pattern).to_numpy(zero_copy_only=False)
+
+def _groups(arr: pa.Array, pattern: str) -> pd.DataFrame:
+    "The named groups of the RE2 `pattern` in each string of `arr` (None where it does not match)."
+    m = pc.extract_regex(arr, pattern)
+    return pd.DataFrame({f.name: a.to_numpy(zero_copy_only=False) for f, a in zip(m.type, m.flatten())})
+
+def _dmy_format(m, dayfirst: bool) -> str | None:
     "The strftime format of a `_DMY` match `m` (its groups) read day-first or month-first; None if its time part is unknown."
     day_month = ['%d', '%m'] if dayfirst else ['%m', '%d']
-    date = m[1].join(day_month) + m[1] + ('%Y' if len(m[3]) == 4 else '%y')
-    if not m[4].strip(): return date
-    tail = guess_datetime_format('2000-01-01' + m[4], dayfirst=False)   # the time part, on an unambiguous date
+    date = m['sep'].join(day_month) + m['sep'] + ('%Y' if len(m['year']) == 4 else '%y')
+    if not m['rest'].strip(): return date
+    tail = guess_datetime_format('2000-01-01' + m['rest'], dayfirst=False)   # the time part, on an unambiguous date
     return None if tail is None or not tail.startswith('%Y-%m-%d') else date + tail[len('%Y-%m-%d'):]
 
-def _string_format(u: pd.Series, first_row, at, date_format, dayfirst) -> tuple[str, dict]:
-    """`(format to parse with, {'reading', 'format', 'why'})` for the distinct timestamp strings `u` of one file, decided
-    from all of them; `first_row(k)` is the file row of `u[k]`, `at(row)` the `DataError` keywords of a row."""
+def _string_format(u: np.ndarray, arr: pa.Array, first_row, at, date_format, dayfirst) -> tuple[str, dict]:
+    """`(format to parse with, {'reading', 'format', 'why'})` for the distinct timestamp strings `u` (`arr` in pyarrow) of
+    one file, decided from all of them; `first_row(k)` is the file row of `u[k]`, `at(row)` the `DataError` keywords of a row."""
     if date_format is not None: return str(date_format), {'reading': 'given', 'format': str(date_format), 'why': 'data.date_format'}
-    kind = np.where(u.str.fullmatch(_ISO), 'iso', np.where(u.str.fullmatch(_DMY), 'dmy', 'other'))
+    kind = np.where(_matches(arr, _ISO), 'iso', np.where(_matches(arr, _DMY), 'dmy', 'other'))
     odd = np.flatnonzero(kind != kind[0])
     if len(odd):
         k = odd[0]
@@ -228,8 +242,8 @@ def _string_format(u: pd.Series, first_row, at, date_format, dayfirst) -> tuple[
             raise DataError(f'Cannot work out the format of timestamp {u[0]!r}; set data.date_format to its strftime format '
                             "(e.g. '%d.%m.%Y %H:%M:%S')", **at(first_row(0)))
         return fmt, {'reading': 'as written', 'format': fmt, 'why': f'the layout of {u[0]!r}'}
-    parts = u.str.extract(_DMY)
-    first, second = parts[0].astype(int).to_numpy(), parts[2].astype(int).to_numpy()
+    parts = _groups(arr, _DMY)
+    first, second = parts['first'].astype(int).to_numpy(), parts['second'].astype(int).to_numpy()
     day_first, month_first = np.flatnonzero(first > 12), np.flatnonzero(second > 12)
     if dayfirst is not None:
         chosen, why = bool(dayfirst), f'data.dayfirst: {str(bool(dayfirst)).lower()}'
@@ -273,7 +287,11 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
     aware_zone = f'converted to {timezone}' if timezone else 'local time of the file'   # offsets dropped, nothing converted
     naive_zone = f'taken as {timezone}' if timezone else 'local time of the file'
     kind = pd.api.types.infer_dtype(s, skipna=False)
-    if kind == 'string' and s.str.fullmatch(r'\s*\d+\s*').all(): s, kind = pd.to_numeric(s), 'integer'   # epoch strings
+    if kind == 'string':   # analysed and parsed once per distinct value
+        codes, u = pd.factorize(s)
+        arr = pc.utf8_trim_whitespace(pa.array(np.asarray(u, dtype=object), type=pa.string()))
+        u = arr.to_numpy(zero_copy_only=False)
+        if _matches(arr, _DIGITS).all(): s, kind = pd.to_numeric(s), 'integer'   # epoch numbers written as text
     if pd.api.types.is_bool_dtype(s) or kind == 'boolean':
         raise DataError(f'Cannot parse timestamp {s.iloc[0]!r}', **at(0))
     if kind in ('integer', 'floating', 'mixed-integer-float'):
@@ -295,21 +313,19 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
         if ts.dt.tz is not None and timezone: ts = ts.dt.tz_convert(timezone)
         desc = {'reading': 'datetimes', 'format': str(ts.dtype), 'zone': aware_zone if ts.dt.tz is not None else naive_zone}
     elif kind == 'string':
-        codes, u = pd.factorize(s.str.strip())
-        u = pd.Series(u)
         first = np.unique(codes, return_index=True)[1]   # the first row of each distinct value
-        fmt, desc = _string_format(u, lambda k: int(first[k]), at, date_format, dayfirst)
-        parts = u.str.fullmatch(_AWARE) if date_format is None or '%z' in fmt else pd.Series(False, index=u.index)
+        fmt, desc = _string_format(u, arr, lambda k: int(first[k]), at, date_format, dayfirst)
+        parts = _matches(arr, _AWARE) if date_format is None or '%z' in fmt else np.zeros(len(u), bool)
         if parts.any() and not parts.all():
             k, j = int(np.flatnonzero(parts)[0]), int(np.flatnonzero(~parts)[0])
             raise DataError(f'Some timestamps carry a UTC offset and some do not ({u[k]!r} in file row {first[k] + 1} does, '
                             f'{u[j]!r} does not), so they are not on one clock', **at(int(first[j])))
         aware = bool(parts.all())
         if aware and not timezone:   # the wall-clock time as written: drop the offset, convert nothing
-            u, fmt = u.str.extract(_AWARE)[0], fmt if fmt == 'ISO8601' else fmt.replace('%z', '').rstrip()
+            u, fmt = _groups(arr, _AWARE)['wall'].to_numpy(), fmt if fmt == 'ISO8601' else fmt.replace('%z', '').rstrip()
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', UserWarning)
-            parsed = pd.to_datetime(u, format=fmt, errors='coerce', utc=aware and bool(timezone))
+            parsed = pd.to_datetime(pd.Series(u, dtype=object), format=fmt, errors='coerce', utc=aware and bool(timezone))
         bad = np.flatnonzero(parsed.isna().to_numpy())
         if len(bad):
             k, n = int(bad[0]), int(np.isin(codes, bad).sum())
