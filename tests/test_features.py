@@ -386,3 +386,15 @@ def test_registered_family_is_built_and_removable(bars):
     finally:
         unregister_family('canary')
     assert 'canary_1' not in feature_names()
+
+
+def test_user_column_list_reaches_inference_and_the_cache_key(bars):
+    "Inference rebuilds only the user columns its models read; the list is part of the feature cache key."
+    from pipeline_lib.feature_cache import cache_key
+    from pipeline_lib.inference import subset_config
+    fc = normalise_feature_config({'families': ['roc'], 'user_columns': ['spread', 'imbalance']})
+    sub = subset_config(fc, ['roc_5', 'user_spread'])
+    assert sub['user_columns'] == ['spread'] and normalise_feature_config(sub) == sub
+    b = bars.assign(spread=0.5)
+    assert build_features(b, sub).columns.tolist() == ['roc_5', 'user_spread']
+    assert cache_key(b, {'families': ['roc']}) != cache_key(b, {'families': ['roc'], 'user_columns': ['spread']})
