@@ -237,7 +237,7 @@ def _string_format(u: np.ndarray, arr: pa.Array, first_row, at, date_format, day
         return 'ISO8601', {'reading': 'ISO 8601', 'format': guess_datetime_format(u[0], dayfirst=False) or 'ISO8601',
                            'why': 'year first'}
     if kind[0] == 'other':
-        fmt = guess_datetime_format(u[0], dayfirst=bool(dayfirst))
+        fmt = guess_datetime_format(u[0], dayfirst=False)   # numeric day/month layouts are _DMY's; dayfirst=True turns %Y/%m/%d into %Y/%d/%m
         if fmt is None:
             raise DataError(f'Cannot work out the format of timestamp {u[0]!r}; set data.date_format to its strftime format '
                             "(e.g. '%d.%m.%Y %H:%M:%S')", **at(first_row(0)))
