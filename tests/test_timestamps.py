@@ -178,3 +178,21 @@ def test_driver_refuses_an_ambiguous_file_fast_and_accepts_it_with_dayfirst(tmp_
     p, _ = drive(root, '--data-dir', d, '--set', 'data.dayfirst=true', '--set', 'features.user_columns=true',
                  '--dry-run', '--nbs-dir', nbs)
     assert p.returncode == 2 and 'list of the extra file columns' in p.stderr, p.stderr
+
+
+def test_run_data_reads_files_with_the_config_settings_and_says_how(tmp_path, capsys):
+    "prepare_run_data passes data.dayfirst and features.user_columns to load_bars and records/prints what was done."
+    from pipeline_lib.config import load_config
+    from pipeline_lib.run_data import prepare_run_data
+    days = [pd.date_range(f'2017-01-0{d} 09:30', periods=390, freq='min') for d in (2, 3)]   # every day <= 12
+    stamps = [t.strftime('%d/%m/%Y %H:%M') for t in days[0].append(days[1])]
+    path = write_bars(tmp_path/'eu.csv', stamps, spread=0.5, next_open=1.0)
+    cfg = load_config('configs/quick.yaml', {'data': {'dayfirst': True},
+                                             'features': {'families': ['roc'], 'user_columns': ['spread']}})
+    rd = prepare_run_data(cfg, data_dir=path, cache_dir=tmp_path/'cache')
+    out = capsys.readouterr().out
+    assert 'timestamps: day-first %d/%m/%Y %H:%M, local time of the file, tz-naive' in out
+    assert 'user columns used as features: spread (extra columns ignored: next_open' in out
+    assert rd.loading['timestamps'][0]['reading'] == 'day-first' and rd.loading['user_columns'] == ['spread']
+    assert rd.bars['timestamp'].min() == pd.Timestamp('2017-01-02 09:30')
+    assert 'user_spread' in rd.features and not any('next_open' in c for c in rd.features)
