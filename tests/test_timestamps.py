@@ -175,6 +175,8 @@ def test_driver_refuses_an_ambiguous_file_fast_and_accepts_it_with_dayfirst(tmp_
     assert_no_kernel(root, p)
     p, _ = drive(root, '--data-dir', d, '--set', 'data.dayfirst=true', '--dry-run', '--nbs-dir', nbs)
     assert p.returncode == 0, p.stderr
+    p, _ = drive(root, '--data-dir', d, '--set', "data.date_format='%d/%m/%Y %H:%M'", '--dry-run', '--nbs-dir', nbs)
+    assert p.returncode == 0, p.stderr   # the README's spelling of the same fix
     p, _ = drive(root, '--data-dir', d, '--set', 'data.dayfirst=true', '--set', 'features.user_columns=true',
                  '--dry-run', '--nbs-dir', nbs)
     assert p.returncode == 2 and 'list of the extra file columns' in p.stderr, p.stderr
