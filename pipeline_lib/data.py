@@ -13,12 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from pandas.tseries.api import guess_datetime_format
 
 from .config import PipelineError
 
 # %% auto #0
 __all__ = ['BAR_COLUMNS', 'MIN_ROWS', 'PRICE_TOL', 'PRICE_COLUMNS', 'DATA_SUFFIXES', 'SPELLINGS', 'DataError', 'symbol_intervals',
-           'infer_interval', 'is_intraday', 'session_ids', 'duration_name', 'DataWarning', 'load_bars', 'make_market']
+           'infer_interval', 'is_intraday', 'session_ids', 'duration_name', 'DataWarning', 'timestamp_text',
+           'describe_load', 'load_summary', 'user_column_list', 'check_load_options', 'load_bars', 'load_options',
+           'make_market']
 
 # %% ../nbs/01_data.ipynb #b75989d3
 BAR_COLUMNS = ['symbol', 'timestamp', 'open', 'high', 'low', 'close', 'volume']
@@ -181,41 +186,172 @@ def _epoch_unit(x: np.ndarray) -> str:
     m = np.nanmax(np.abs(x)) if len(x) else 0
     return 'ns' if m >= 1e17 else 'us' if m >= 1e14 else 'ms' if m >= 1e11 else 's'
 
-def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None = None) -> np.ndarray:
-    "The file's timestamps as naive UTC datetime64[ns]; `DataError` naming the first missing or unparseable one."
+# RE2 patterns (pyarrow runs them over all the distinct values of a file at C speed)
+_DIGITS = r'^\s*\d+\s*$'                                              # epoch numbers written as text
+_ISO = r'^\s*\d{4}-\d{2}-\d{2}(?:[T ].*)?$'                           # year first, dashes: one reading only
+_DMY = (r'^\s*(?P<first>\d{1,2})(?P<sep>[./ -])(?P<second>\d{1,2})[./ -](?P<year>\d{4}|\d{2})'
+        r'(?P<rest>(?:\D.*)?)$')                                         # 02.01.2017, 1/13/2017 09:30, 02-01-17, 02 01 2017
+_AWARE = r'^(?P<wall>.*\d:\d\d(?::\d\d(?:[.,]\d+)?)?)\s?(?P<offset>Z|[+-]\d\d:?\d\d)$'   # a time of day, then a UTC offset
+_KINDS = {'iso': 'ISO 8601 (year-month-day)', 'dmy': 'day/month/year or month/day/year', 'other': 'another layout'}
+_SETTINGS = ("set data.dayfirst: true or false, or data.date_format to the strftime format of every file "
+             "(load_bars(..., dayfirst=..., date_format=...))")
+
+def _check_timezone(timezone) -> str | None:
+    "`timezone` if it is None or an IANA time zone name, else `DataError` with the nearest names."
+    if timezone is None: return None
+    import difflib, zoneinfo
+    names = zoneinfo.available_timezones() | {'UTC'}
+    if isinstance(timezone, str) and timezone in names: return timezone
+    near = difflib.get_close_matches(str(timezone), sorted(names), n=3, cutoff=0.5)
+    raise DataError(f'data.timezone {timezone!r} is not an IANA time zone name (like America/New_York, Europe/London '
+                    f'or UTC)' + (f'; nearest: {", ".join(near)}' if near else '') + '; or null for the local time of each file')
+
+def _matches(arr: pa.Array, pattern: str) -> np.ndarray:
+    "Which strings of `arr` match the RE2 `pattern`."
+    return pc.match_substring_regex(arr, pattern).to_numpy(zero_copy_only=False)
+
+def _groups(arr: pa.Array, pattern: str) -> pd.DataFrame:
+    "The named groups of the RE2 `pattern` in each string of `arr` (None where it does not match)."
+    m = pc.extract_regex(arr, pattern)
+    return pd.DataFrame({f.name: a.to_numpy(zero_copy_only=False) for f, a in zip(m.type, m.flatten())})
+
+def _dmy_format(m, dayfirst: bool) -> str | None:
+    "The strftime format of a `_DMY` match `m` (its groups) read day-first or month-first; None if its time part is unknown."
+    day_month = ['%d', '%m'] if dayfirst else ['%m', '%d']
+    date = m['sep'].join(day_month) + m['sep'] + ('%Y' if len(m['year']) == 4 else '%y')
+    if not m['rest'].strip(): return date
+    tail = guess_datetime_format('2000-01-01' + m['rest'], dayfirst=False)   # the time part, on an unambiguous date
+    return None if tail is None or not tail.startswith('%Y-%m-%d') else date + tail[len('%Y-%m-%d'):]
+
+def _string_format(u: np.ndarray, arr: pa.Array, first_row, at, date_format, dayfirst) -> tuple[str, dict]:
+    """`(format to parse with, {'reading', 'format', 'why'})` for the distinct timestamp strings `u` (`arr` in pyarrow) of
+    one file, decided from all of them; `first_row(k)` is the file row of `u[k]`, `at(row)` the `DataError` keywords of a row."""
+    if date_format is not None: return str(date_format), {'reading': 'given', 'format': str(date_format), 'why': 'data.date_format'}
+    kind = np.where(_matches(arr, _ISO), 'iso', np.where(_matches(arr, _DMY), 'dmy', 'other'))
+    odd = np.flatnonzero(kind != kind[0])
+    if len(odd):
+        k = odd[0]
+        raise DataError(f'Cannot parse timestamp {u[k]!r} ({_KINDS[kind[k]]}) in the format of the file, set by {u[0]!r} in file '
+                        f'row {first_row(0) + 1} ({_KINDS[kind[0]]}): every row of a file must use one format', **at(first_row(k)))
+    if kind[0] == 'iso':
+        return 'ISO8601', {'reading': 'ISO 8601', 'format': guess_datetime_format(u[0], dayfirst=False) or 'ISO8601',
+                           'why': 'year first'}
+    if kind[0] == 'other':
+        fmt = guess_datetime_format(u[0], dayfirst=False)   # numeric day/month layouts are _DMY's; dayfirst=True turns %Y/%m/%d into %Y/%d/%m
+        if fmt is None:
+            raise DataError(f'Cannot work out the format of timestamp {u[0]!r}; set data.date_format to its strftime format '
+                            "(e.g. '%d.%m.%Y %H:%M:%S')", **at(first_row(0)))
+        return fmt, {'reading': 'as written', 'format': fmt, 'why': f'the layout of {u[0]!r}'}
+    parts = _groups(arr, _DMY)
+    first, second = parts['first'].astype(int).to_numpy(), parts['second'].astype(int).to_numpy()
+    day_first, month_first = np.flatnonzero(first > 12), np.flatnonzero(second > 12)
+    if dayfirst is not None:
+        chosen, why = bool(dayfirst), f'data.dayfirst: {str(bool(dayfirst)).lower()}'
+    elif len(day_first) and len(month_first):
+        i, j = day_first[0], month_first[0]
+        raise DataError(f'Timestamps of one file mix day-first and month-first dates: {u[i]!r} (file row {first_row(i) + 1}) '
+                        f'can only be day-first, {u[j]!r} (file row {first_row(j) + 1}) only month-first; fix the file',
+                        **at(first_row(j if first_row(j) > first_row(i) else i)))
+    elif len(day_first): chosen, why = True, f'{u[day_first[0]]!r} has a first field > 12'
+    elif len(month_first): chosen, why = False, f'{u[month_first[0]]!r} has a second field > 12'
+    else:
+        m = parts.iloc[0]
+        reads = [f'{pd.to_datetime(u[0], format=f):%Y-%m-%d} ({name}, {f})' for name, f in
+                 (('day-first', _dmy_format(m, True)), ('month-first', _dmy_format(m, False))) if f]
+        raise DataError(f'Cannot tell whether the dates are day-first or month-first: in every timestamp both fields are '
+                        f'<= 12, so {u[0]!r} reads as {" or as ".join(reads)}; {_SETTINGS}',
+                        file=at(0)['file'], column=at(0)['column'])
+    fmt = _dmy_format(parts.iloc[0], chosen)
+    if fmt is None:
+        raise DataError(f'Cannot work out the time-of-day format of timestamp {u[0]!r}; set data.date_format to its '
+                        "strftime format (e.g. '%d/%m/%Y %H:%M:%S')", **at(first_row(0)))
+    return fmt, {'reading': f'{"day" if chosen else "month"}-first', 'format': fmt, 'why': why}
+
+def _timestamp_values(df: pd.DataFrame, found: dict) -> tuple[pd.Series, str]:
+    "(the raw timestamp values, the source column name) of one file: its timestamp column, or date + ' ' + time."
     if 'timestamp' in found or not ('date' in found and 'time' in found):
         col = found.get('timestamp', found.get('date', found.get('time')))
-        s = df[col]
-    else:
-        col = f"{found['date']} + {found['time']}"
-        d, t = df[found['date']], df[found['time']]
-        d = d.dt.strftime('%Y-%m-%d') if pd.api.types.is_datetime64_any_dtype(d) else d.astype(str)
-        s = d + ' ' + t.astype(str)
-    def at(i): return _at(file, i, column=str(col), symbol=None if sym is None else str(sym.iloc[i]))
+        return df[col], str(col)
+    d, t = df[found['date']], df[found['time']]
+    d = d.dt.strftime('%Y-%m-%d') if pd.api.types.is_datetime64_any_dtype(d) else d.astype(str)
+    return d + ' ' + t.astype(str), f"{found['date']} + {found['time']}"
+
+def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None = None, *, date_format=None,
+                      dayfirst=None, timezone=None) -> tuple[np.ndarray, dict]:
+    """`(naive datetime64[ns], {'reading', 'zone'})` for one file's timestamps, every row read with one format that is
+    decided from all of them; `DataError` naming the first missing, ambiguous or unparseable one."""
+    s, col = _timestamp_values(df, found)
+    def at(i): return _at(file, i, column=col, symbol=None if sym is None else str(sym.iloc[i]))
     missing = s.isna().to_numpy()
     if missing.any(): raise DataError('Missing timestamp', **at(missing.argmax()))
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', UserWarning)  # "could not infer format": we fall back on purpose
-        if pd.api.types.is_bool_dtype(s): ts = None
-        elif pd.api.types.is_numeric_dtype(s):
-            x = s.to_numpy('float64')
-            if ((x >= 1e7) & (x < 3e7) & (x % 1 == 0)).all():   # 20240102: a date as YYYYMMDD, not an epoch in 1970
-                ts = pd.to_datetime(s.astype('int64').astype(str), format='%Y%m%d', utc=True, errors='coerce')
-            else: ts = pd.to_datetime(s, unit=_epoch_unit(x), utc=True, errors='coerce')
+    aware_zone = f'converted to {timezone}' if timezone else 'local time of the file'   # offsets dropped, nothing converted
+    naive_zone = f'taken as {timezone}' if timezone else 'local time of the file'
+    kind = pd.api.types.infer_dtype(s, skipna=False)
+    if kind == 'string':   # analysed and parsed once per distinct value
+        codes, u = pd.factorize(s)
+        arr = pc.utf8_trim_whitespace(pa.array(np.asarray(u, dtype=object), type=pa.string()))
+        u = arr.to_numpy(zero_copy_only=False)
+        if _matches(arr, _DIGITS).all(): s, kind = pd.to_numeric(s), 'integer'   # epoch numbers written as text
+    if pd.api.types.is_bool_dtype(s) or kind == 'boolean':
+        raise DataError(f'Cannot parse timestamp {s.iloc[0]!r}', **at(0))
+    if kind in ('integer', 'floating', 'mixed-integer-float'):
+        x = s.to_numpy('float64')
+        if ((x >= 1e7) & (x < 3e7) & (x % 1 == 0)).all():   # 20240102: a date as YYYYMMDD, not an epoch in 1970
+            ts = pd.to_datetime(s.astype('int64').astype(str), format='%Y%m%d', errors='coerce')
+            desc = {'reading': 'YYYYMMDD numbers', 'format': '%Y%m%d', 'zone': naive_zone}
         else:
-            try: ts = pd.to_datetime(s, utc=True)
-            except (ValueError, TypeError, OverflowError):
-                ts = pd.to_datetime(s, utc=True, format='mixed', errors='coerce')
-    bad = np.ones(len(s), bool) if ts is None else ts.isna().to_numpy()
+            unit = _epoch_unit(x)
+            ts = pd.to_datetime(s, unit=unit, utc=True, errors='coerce')
+            ts = ts.dt.tz_convert(timezone) if timezone else ts
+            desc = {'reading': 'epoch', 'format': {'s': 'seconds', 'ms': 'milliseconds', 'us': 'microseconds', 'ns': 'nanoseconds'}[unit],
+                    'zone': f'UTC converted to {timezone}' if timezone else 'UTC'}
+    elif isinstance(s.dtype, pd.DatetimeTZDtype):
+        ts = s.dt.tz_convert(timezone) if timezone else s
+        desc = {'reading': 'datetimes', 'format': str(s.dtype), 'zone': aware_zone}
+    elif pd.api.types.is_datetime64_any_dtype(s) or kind in ('datetime', 'datetime64', 'date'):
+        ts = pd.to_datetime(s)   # typed values (parquet): nothing to guess
+        if ts.dt.tz is not None and timezone: ts = ts.dt.tz_convert(timezone)
+        desc = {'reading': 'datetimes', 'format': str(ts.dtype), 'zone': aware_zone if ts.dt.tz is not None else naive_zone}
+    elif kind == 'string':
+        first = np.unique(codes, return_index=True)[1]   # the first row of each distinct value
+        fmt, desc = _string_format(u, arr, lambda k: int(first[k]), at, date_format, dayfirst)
+        parts = _matches(arr, _AWARE) if date_format is None or '%z' in fmt else np.zeros(len(u), bool)
+        if parts.any() and not parts.all():
+            k, j = int(np.flatnonzero(parts)[0]), int(np.flatnonzero(~parts)[0])
+            raise DataError(f'Some timestamps carry a UTC offset and some do not ({u[k]!r} in file row {first[k] + 1} does, '
+                            f'{u[j]!r} does not), so they are not on one clock', **at(int(first[j])))
+        aware = bool(parts.all())
+        if aware and not timezone:   # the wall-clock time as written: drop the offset, convert nothing
+            u, fmt = _groups(arr, _AWARE)['wall'].to_numpy(), fmt if fmt == 'ISO8601' else fmt.replace('%z', '').rstrip()
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            parsed = pd.to_datetime(pd.Series(u, dtype=object), format=fmt, errors='coerce', utc=aware and bool(timezone))
+        bad = np.flatnonzero(parsed.isna().to_numpy())
+        if len(bad):
+            k, n = int(bad[0]), int(np.isin(codes, bad).sum())
+            raise DataError(f'Cannot parse timestamp {s.iloc[first[k]]!r} with the format {desc["format"]!r} chosen for this '
+                            f'file ({desc["reading"]}: {desc["why"]}); a file must use one format'
+                            + ('' if date_format else ', or set data.date_format to the strftime format of every file')
+                            + (f' ({n} such rows; the first is named)' if n > 1 else ''), **at(int(first[k])))
+        if aware and timezone: parsed = parsed.dt.tz_convert(timezone).dt.tz_localize(None)
+        ts = pd.Series(parsed.to_numpy()[codes])
+        desc['zone'] = aware_zone if aware else naive_zone
+    else:
+        i = int(np.argmax(s.map(lambda v: not isinstance(v, str)).to_numpy())) if kind.startswith('mixed') else 0
+        raise DataError(f'Cannot parse timestamp {s.iloc[i]!r}: the column holds {kind} values, not one kind of timestamp', **at(i))
+    bad = ts.isna().to_numpy()
     if bad.any():
         i = bad.argmax()
         raise DataError(f'Cannot parse timestamp {s.iloc[i]!r}', **at(i))
-    ts = ts.dt.tz_localize(None)
+    if ts.dt.tz is not None: ts = ts.dt.tz_localize(None)
     lo, hi = pd.Timestamp('1678-01-01'), pd.Timestamp('2262-01-01')
-    out = (ts < lo) | (ts > hi)
-    if out.any(): raise DataError(f'Timestamp {s.iloc[out.to_numpy().argmax()]!r} is outside 1678-2261',
-                                  **at(out.to_numpy().argmax()))
-    return ts.to_numpy('datetime64[ns]')
+    out = ((ts < lo) | (ts > hi)).to_numpy()
+    if out.any(): raise DataError(f'Timestamp {s.iloc[out.argmax()]!r} is outside 1678-2261', **at(out.argmax()))
+    return ts.to_numpy('datetime64[ns]'), desc
+
+def timestamp_text(how: dict) -> str:
+    "One line on how a file's timestamps were read: 'day-first %d.%m.%Y %H:%M, local time of the file, tz-naive'."
+    return f"{how['reading']} {how['format']}, {how['zone']}, tz-naive"
 
 def _numeric(s: pd.Series, file, col, user: bool = False, sym: pd.Series | None = None) -> np.ndarray:
     "A column as float64; `DataError` naming the first value that is not a number."
@@ -229,11 +365,19 @@ def _numeric(s: pd.Series, file, col, user: bool = False, sym: pd.Series | None 
                         **_at(file, i, column=str(col), symbol=None if sym is None else str(sym.iloc[i])))
     return x.to_numpy('float64', na_value=np.nan)
 
+
 # %% ../nbs/01_data.ipynb #cc009293
-def _read_bars_file(file: Path, adj_close: bool = False) -> tuple[pd.DataFrame, dict]:
-    "One file as `(frame with canonical + user columns, {canonical: source column name})`, values parsed, not yet validated."
+def _read_bars_file(file: Path, adj_close: bool = False, user_columns=(), **when) -> tuple[pd.DataFrame, dict, dict]:
+    """One file as `(frame with canonical + the listed user columns, {canonical: source column name}, how its timestamps
+    were read)`, values parsed, not yet validated; `when`: `_parse_timestamps`' date_format, dayfirst, timezone."""
     df = _read_file(file)
-    found, user = _map_columns(df.columns, str(file))
+    found, extra = _map_columns(df.columns, str(file))
+    names = {str(c): c for c in extra}
+    missing = [c for c in user_columns if c not in names]
+    if missing:
+        raise DataError(f'User column {missing[0]!r} (listed in features.user_columns) is not in this file; its extra '
+                        f'columns are {list(names)}', file=str(file), column=missing[0])
+    user = [names[c] for c in user_columns]
     if adj_close and 'adjclose' not in found:
         raise DataError(f"adj_close=True but there is no adjusted close column (spellings: {'/'.join(SPELLINGS['adjclose'])}); "
                         f"columns found: {[str(c) for c in df.columns]}", file=str(file), column='adjclose')
@@ -243,10 +387,11 @@ def _read_bars_file(file: Path, adj_close: bool = False) -> tuple[pd.DataFrame, 
         if bad.any(): raise DataError('Missing symbol', **_at(file, bad.argmax(), column=str(found['symbol'])))
     else:
         sym = pd.Series(_stem(file), index=df.index, dtype='str')
-    out = {'symbol': sym.reset_index(drop=True), 'timestamp': _parse_timestamps(df, found, file, sym)}
+    ts, how = _parse_timestamps(df, found, file, sym, **when)
+    out = {'symbol': sym.reset_index(drop=True), 'timestamp': ts}
     for k in PRICE_COLUMNS + ['volume'] + ['adjclose'] * adj_close: out[k] = _numeric(df[found[k]], file, found[k], sym=sym)
     for c in user: out[str(c)] = _numeric(df[c], file, c, user=True, sym=sym)
-    return pd.DataFrame(out), {k: str(v) for k, v in found.items()}
+    return pd.DataFrame(out), {k: str(v) for k, v in found.items()}, {**how, 'ignored': [c for c in names if c not in user_columns]}
 
 # %% ../nbs/01_data.ipynb #176fa82a
 class _Sources:
@@ -284,20 +429,62 @@ def _check_rows(df: pd.DataFrame, src: _Sources, tol: float, cols: list[str]) ->
               lambda i: f'{col} {float(x[i])!r} is outside [low {float(l[i])!r}, high {float(h[i])!r}] by more than the tolerance {tol:g}')
 
 # %% ../nbs/01_data.ipynb #0b12bba3
-def load_bars(path, *, adj_close: bool = False, min_rows: int | None = None, tol: float = PRICE_TOL) -> pd.DataFrame:
+def describe_load(bars: pd.DataFrame) -> dict:
+    "How `load_bars` read `bars` (from `bars.attrs`): timestamp readings (with file counts), time zone, user columns used and ignored."
+    a = bars.attrs
+    return {'timestamps': [dict(r) for r in a.get('timestamps', [])], 'timezone': a.get('timezone'),
+            'user_columns': list(a.get('user_columns', [])), 'ignored_columns': list(a.get('ignored_columns', []))}
+
+def load_summary(desc: dict) -> str:
+    "`describe_load`'s answer as two report lines (timestamps; user columns)."
+    ts = '; '.join(r['text'] + (f" ({r['files']} files)" if r['files'] > 1 else '') for r in desc['timestamps'])
+    ign = desc.get('ignored_columns') or []
+    return (f"timestamps: {ts or 'not from files'}\n"
+            f"user columns used as features: {', '.join(desc.get('user_columns') or []) or 'none'}"
+            + (f" (extra columns ignored: {', '.join(ign)}; list them in features.user_columns to use them)" if ign else ''))
+
+def user_column_list(user_columns) -> list[str]:
+    "`features.user_columns` as a list of names; `DataError` for the old `true` or a name that means a bar column."
+    if user_columns is None or user_columns is False: return []
+    if user_columns is True or isinstance(user_columns, (str, bytes)) or not hasattr(user_columns, '__iter__'):
+        raise DataError(f'features.user_columns must be a list of the extra file columns to use as features, e.g. '
+                        f'[spread, imbalance], or [] for none; got {user_columns!r}. Every extra column is no longer '
+                        "used by default: a vendor's next_open or label column would leak straight into the features")
+    names = list(dict.fromkeys(str(c) for c in user_columns))
+    bar = [c for c in names if _ALIAS.get(_norm(c))]
+    if bar: raise DataError(f'features.user_columns lists {bar[0]!r}, which is the bar column '
+                            f'{_ALIAS[_norm(bar[0])]!r}, not an extra column', column=bar[0])
+    return names
+
+def check_load_options(date_format=None, dayfirst=None, timezone=None, user_columns=()) -> dict:
+    "`load_bars`' reading options checked (`DataError` saying which setting is wrong) and normalised."
+    if dayfirst is not None and not isinstance(dayfirst, (bool, np.bool_)):
+        raise DataError(f'data.dayfirst must be true, false or null, got {dayfirst!r}')
+    if date_format is not None and not (isinstance(date_format, str) and '%' in date_format):
+        raise DataError(f"data.date_format must be a strftime format like '%d.%m.%Y %H:%M:%S' (or null), got {date_format!r}")
+    return dict(date_format=date_format, dayfirst=None if dayfirst is None else bool(dayfirst),
+                timezone=_check_timezone(timezone), user_columns=user_column_list(user_columns))
+
+def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = None, timezone: str | None = None,
+              user_columns=(), adj_close: bool = False, min_rows: int | None = None, tol: float = PRICE_TOL) -> pd.DataFrame:
     """The canonical bars frame from a CSV/parquet file or a directory of them; `DataError` (naming file, symbol,
-    column and row) for bad input. `min_rows` per symbol defaults to `MIN_ROWS`; `tol` is the relative tolerance
+    column and row) for bad input. Each file's timestamps are read with one format decided from all of them
+    (`date_format` forces one, `dayfirst` settles day/month ambiguity) and made tz-naive in the file's own local time,
+    or in `timezone` (an IANA name) when given; `attrs['timestamps']` says how. Only the extra columns named in
+    `user_columns` are kept. `min_rows` per symbol defaults to `MIN_ROWS`; `tol` is the relative tolerance
     of the OHLC range checks."""
     min_rows = MIN_ROWS if min_rows is None else int(min_rows)
+    when = check_load_options(date_format, dayfirst, timezone, user_columns)
+    user = when.pop('user_columns')
     files = _data_files(path)
-    parts = [_read_bars_file(f, adj_close) for f in files]
-    user = [c for c in parts[0][0].columns if c not in BAR_COLUMNS and c != 'adjclose']
-    for f, (df, _) in zip(files[1:], parts[1:]):
-        other = [c for c in df.columns if c not in BAR_COLUMNS and c != 'adjclose']
-        if set(other) != set(user):
-            raise DataError(f'User feature columns differ between files: {other} here, {user} in {files[0].name!r}; '
-                            'every file needs the same extra columns', file=str(f))
-    src = _Sources(files, [n for _, n in parts], [len(df) for df, _ in parts])
+    parts = [_read_bars_file(f, adj_close, user, **when) for f in files]
+    src = _Sources(files, [n for _, n, _ in parts], [len(df) for df, _, _ in parts])
+    readings = {}
+    for f, (_, _, how) in zip(files, parts):
+        key = timestamp_text(how)
+        readings.setdefault(key, {**{k: how[k] for k in ('reading', 'format', 'zone')}, 'text': key, 'files': 0, 'first_file': f.name})
+        readings[key]['files'] += 1
+    ignored = list(dict.fromkeys(c for _, _, how in parts for c in how['ignored']))
     df = parts[0][0] if len(parts) == 1 else pd.concat([p[0][parts[0][0].columns] for p in parts], ignore_index=True)
     del parts
     _check_rows(df, src, tol, PRICE_COLUMNS + ['adjclose'] * adj_close)
@@ -344,7 +531,16 @@ def load_bars(path, *, adj_close: bool = False, min_rows: int | None = None, tol
                         file=src.at(i)['file'] if len(files) > 1 else str(path), symbol=str(uniques[s]))
     bars = pd.DataFrame({'symbol': uniques.take(codes).astype('str'), 'timestamp': ts, **cols})
     infer_interval(bars, file=str(path))
+    bars.attrs.update(timestamps=list(readings.values()), timezone=when['timezone'], user_columns=user, ignored_columns=ignored)
     return bars
+
+
+def load_options(cfg: dict | None) -> dict:
+    "The `load_bars` keywords a run config sets: `data.date_format`, `data.dayfirst`, `data.timezone`, `features.user_columns`."
+    d, f = (cfg or {}).get('data') or {}, (cfg or {}).get('features') or {}
+    return {'date_format': d.get('date_format'), 'dayfirst': d.get('dayfirst'), 'timezone': d.get('timezone'),
+            'user_columns': f.get('user_columns') or []}
+
 
 # %% ../nbs/01_data.ipynb #a7b0a9e9
 def make_market(**kwargs):

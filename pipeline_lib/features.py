@@ -17,7 +17,7 @@ import pandas as pd
 from numba import njit
 
 from .config import PipelineError
-from .data import BAR_COLUMNS, DataError, is_intraday, session_ids, symbol_intervals
+from .data import BAR_COLUMNS, DataError, is_intraday, session_ids, symbol_intervals, user_column_list
 
 # %% auto #0
 __all__ = ['FEATURE_LIBRARY_VERSION', 'FEATURE_KINDS', 'FEATURE_FAMILIES', 'RECURSIVE_TOL', 'FEATURE_CONFIG_DEFAULT',
@@ -87,7 +87,7 @@ def family(name, params, warmup=0, kind='rolling', doc=''):
     return deco
 
 # %% ../nbs/03_features.ipynb #79547cf6
-FEATURE_CONFIG_DEFAULT = {'families': None, 'exclude': [], 'params': {}, 'user_columns': True,
+FEATURE_CONFIG_DEFAULT = {'families': None, 'exclude': [], 'params': {}, 'user_columns': [],
                           'bars_per_session': 390}
 
 def _canon_param(p):
@@ -121,7 +121,7 @@ def normalise_feature_config(config: dict | None = None) -> dict:
         ps = [_canon_param(p) for p in (f.params if chosen[n] is None else chosen[n])]
         ps = list(dict.fromkeys(p for p in ps if f.column(p) not in excl))
         if ps: out[n] = ps
-    res = {'families': out, 'user_columns': bool(cfg['user_columns']), 'bars_per_session': int(cfg['bars_per_session'])}
+    res = {'families': out, 'user_columns': user_column_list(cfg['user_columns']), 'bars_per_session': int(cfg['bars_per_session'])}
     if res['bars_per_session'] < 1: raise FeatureError('bars_per_session must be >= 1.')
     for n, ps in out.items():  # every parameter must give a warm-up (parses it)
         for p in ps:
@@ -130,27 +130,22 @@ def normalise_feature_config(config: dict | None = None) -> dict:
             except Exception as e: raise FeatureError(f'Family {n!r} does not accept parameter {p!r}: {e}') from None
     return res
 
-def _user_columns(bars: pd.DataFrame | None) -> list[str]:
-    if bars is None: return []
-    return [c for c in bars.columns if c not in BAR_COLUMNS]
-
 def user_column_name(col) -> str:
     "The feature name of a user column: `user_<col>`, or `col` itself when it already starts with `user_`."
     col = str(col)
     return col if col.startswith('user_') else f'user_{col}'
 
 def feature_names(config: dict | None = None, bars: pd.DataFrame | None = None) -> list[str]:
-    "Column names `build_features` gives under `config`, in order (plus `user_<col>` for `bars`' extra columns when given)."
+    "Column names `build_features` gives under `config`, in order, then `user_<col>` for each listed user column (`bars` is not needed)."
     cfg = normalise_feature_config(config)
     names = [FEATURE_FAMILIES[n].column(p) for n, ps in cfg['families'].items() for p in ps]
-    if cfg['user_columns']: names += [user_column_name(c) for c in _user_columns(bars)]
-    return names
+    return names + [user_column_name(c) for c in cfg['user_columns']]
 
 def feature_warmup(config: dict | None = None, bars: pd.DataFrame | None = None) -> dict[str, int]:
     "Declared warm-up per column: that many first rows of each symbol are NaN (user columns: 0)."
     cfg = normalise_feature_config(config)
     out = {FEATURE_FAMILIES[n].column(p): FEATURE_FAMILIES[n].warmup_bars(p, cfg) for n, ps in cfg['families'].items() for p in ps}
-    if cfg['user_columns']: out.update({user_column_name(c): 0 for c in _user_columns(bars)})
+    out.update({user_column_name(c): 0 for c in cfg['user_columns']})
     return out
 
 # %% ../nbs/03_features.ipynb #378295f9
@@ -580,7 +575,7 @@ class FeatureContext:
         return _nb_cs_rank(np.ascontiguousarray(x, np.float64), order, bounds)
 
 # %% ../nbs/03_features.ipynb #83c0b961
-def _check_bars(bars: pd.DataFrame):
+def _check_bars(bars: pd.DataFrame, user_columns=()):
     if not isinstance(bars, pd.DataFrame): raise DataError(f'bars must be a DataFrame, not {type(bars).__name__}')
     missing = [c for c in BAR_COLUMNS if c not in bars.columns]
     if missing: raise DataError(f'bars lack columns {missing}', column=missing[0])
@@ -595,7 +590,10 @@ def _check_bars(bars: pd.DataFrame):
     bad = np.flatnonzero(same & (np.diff(ts) <= 0))
     if len(bad): raise DataError('timestamps must increase strictly within a symbol', symbol=uniq[codes[bad[0] + 1]], column='timestamp', row=int(bad[0] + 1))
     seen = {}
-    for c in _user_columns(bars):
+    for c in user_columns:
+        if c not in bars.columns:
+            raise DataError(f'bars lack the user column {c!r} that features.user_columns lists '
+                            f'(extra columns: {[str(x) for x in bars.columns if x not in BAR_COLUMNS]})', column=c)
         if not (pd.api.types.is_numeric_dtype(bars[c]) or pd.api.types.is_bool_dtype(bars[c])):
             raise DataError('extra bar columns are user features and must be numeric', column=c)
         if user_column_name(c) in seen:
@@ -628,8 +626,8 @@ class _fast_pages:
 
 def build_features(bars: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
     "Feature frame aligned row-for-row with `bars` (same RangeIndex): float32 columns `family_param` in registry order, then `user_<col>`."
-    _check_bars(bars)
     cfg = normalise_feature_config(config)
+    _check_bars(bars, cfg['user_columns'])
     names = feature_names(cfg, bars)
     warm = feature_warmup(cfg, bars)
     with _fast_pages(): return _build(bars, cfg, names, warm)
@@ -649,12 +647,11 @@ def _build(bars, cfg, names, warm):
                 _nb_write(out[:, j], np.ascontiguousarray(col, np.float64), ctx.pos, warm[names[j]])
                 j += 1
             ctx.next_family()
-        if cfg['user_columns']:
-            for c in _user_columns(bars):
-                dst = out[:, j]
-                dst[:] = bars[c].to_numpy(dtype=np.float64, na_value=np.nan)
-                dst[~np.isfinite(dst)] = np.nan
-                j += 1
+        for c in cfg['user_columns']:
+            dst = out[:, j]
+            dst[:] = bars[c].to_numpy(dtype=np.float64, na_value=np.nan)
+            dst[~np.isfinite(dst)] = np.nan
+            j += 1
     del ctx
     return pd.DataFrame(out, columns=names, index=bars.index, copy=False)
 

@@ -21,7 +21,7 @@ import yaml
 from .artifacts import (ArtifactError, ArtifactVersionError, ArtifactWarning, atomic_write_bytes, library_versions,
                                     manifest_sha256, merge_json_atomic, read_json, sha256_file, verify_manifest)
 from .config import PipelineError, config_hash, load_settings, read_yaml, repo_root
-from .data import BAR_COLUMNS, DataError, infer_interval, load_bars
+from .data import BAR_COLUMNS, DataError, infer_interval, load_bars, load_options
 from .features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
                                    normalise_feature_config, user_column_name)
 
@@ -129,12 +129,13 @@ def feature_columns(feature_config: dict) -> dict:
     return {FEATURE_FAMILIES[n].column(p): (n, p) for n, ps in feature_config['families'].items() for p in ps}
 
 def subset_config(feature_config: dict, columns) -> dict:
-    "The normalised feature config restricted to the registry columns in `columns` (same parameters, same order)."
+    "The normalised feature config restricted to the registry and user columns in `columns` (same parameters, same order)."
     cols, fams = set(columns), {}
     for n, ps in feature_config['families'].items():
         keep = [p for p in ps if FEATURE_FAMILIES[n].column(p) in cols]
         if keep: fams[n] = keep
-    return {'families': fams, 'user_columns': feature_config['user_columns'],
+    users = [c for c in feature_config['user_columns'] if user_column_name(c) in cols]
+    return {'families': fams, 'user_columns': users,
             'bars_per_session': feature_config['bars_per_session']}
 
 def cross_sectional_columns(feature_config: dict, columns) -> list[str]:
@@ -419,7 +420,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         run = load_run(args.run, args.reports_dir)
-        bars = load_bars(args.data_dir)
+        bars = load_bars(args.data_dir, **load_options(run.config))   # read as the run read its training files
         t1 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always', InferenceWarning)

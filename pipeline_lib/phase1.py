@@ -544,6 +544,7 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], ts.to_numpy(), {'train': tr}, demean)
     metrics['metadata_dir'] = str(metadata_dir)
     metrics['top_features_file'] = top_features_file(ft.n_selected_)
+    metrics['loading'] = rd.loading   # how the files were read: timestamp format and zone, user columns
     if reports_dir is not None:
         reports_dir = Path(reports_dir)
         merge_json_atomic(reports_dir/'metrics.json', 'phase1', metrics)

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .config import PipelineError, load_config
-from .data import infer_interval, load_bars
+from .data import describe_load, infer_interval, load_bars, load_options, load_summary
 from .feature_cache import cached_features, data_fingerprint
 from .market import make_market
 from .metrics import evaluate
@@ -38,6 +38,7 @@ class RunData:
     oracle_target: str | None = None     # the target `oracle` is for (the primary target); None without an oracle
     oracle_note: str | None = None       # why there is no oracle, for the reports (None when there is one)
     timings: dict = field(default_factory=dict)
+    loading: dict = field(default_factory=dict)   # how load_bars read the files: data.describe_load (timestamps, zone, user columns)
 
     def rows(self, name: str) -> np.ndarray:
         "Positions of the rows in split `name` ('train', 'valid' or 'test')."
@@ -95,15 +96,17 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t0 = time.perf_counter()
     tc = cfg['targets']
     if data_dir:
-        bars, oracle, source = load_bars(data_dir), None, str(Path(data_dir).resolve())
+        bars, oracle, source = load_bars(data_dir, **load_options(cfg)), None, str(Path(data_dir).resolve())
     else:
         m = dict(cfg['data']['market'])
         bars, oracle = make_market(**m, horizon=int(tc['horizons'][0]))
         source = 'embedded'
+    loading = describe_load(bars)
     bars, oracle = reduce_bars(bars, oracle, cfg)
     interval = infer_interval(bars)
     t['bars'] = time.perf_counter() - t0
     say(f'bars: {len(bars):,} rows, {bars.symbol.nunique()} symbols, interval {interval}, source {source}')
+    if data_dir: say(load_summary(loading))
 
     t0 = time.perf_counter()
     targets = build_targets(bars, horizons=tc['horizons'], path_horizon=tc['path_horizon'],
@@ -127,7 +130,7 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t['features'] = time.perf_counter() - t0
     return RunData(bars=bars, features=features, targets=targets, split=split, interval=interval, source=source,
                    fingerprint=data_fingerprint(bars), oracle=oracle, oracle_target=oracle_target,
-                   oracle_note=oracle_note, timings=t)
+                   oracle_note=oracle_note, timings=t, loading=loading)
 
 # %% ../nbs/09b_run_data.ipynb #ffe0b9fa
 def artifact_dirs(artifact_root=None, metadata_dir=None, output_dir=None, who: str = 'this phase') -> tuple[Path, Path]:

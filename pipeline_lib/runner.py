@@ -251,7 +251,7 @@ def type_problems(cfg: dict, defaults: dict, sources: dict | None = None, prefix
             continue
         if fnmatch.fnmatchcase(key, 'phase*.models') and isinstance(v, dict): continue  # {model: overrides}
         if not _type_ok(v, d):
-            extra = f' (write a list, e.g. [{_fmt(v)}])' if isinstance(d, list) and not isinstance(v, (list, dict)) else ''
+            extra = f' (write a list, e.g. [{_fmt(v)}])' if isinstance(d, list) and not isinstance(v, (list, dict, bool)) else ''
             out.append(f'{key} must be {_type_name(d)} like its default {_fmt(d)}, got {_fmt(v)} '
                        f'({_type_name(v)}){src}{extra}.')
         elif isinstance(d, dict) and d:
@@ -447,7 +447,7 @@ def _load_data(data_dir=None, cfg: dict | None = None, settings: dict | None = N
     import pandas as pd
     p = _data_path(data_dir, cfg, settings)
     if p is None: return None, pd.Timedelta('1min'), None
-    from pipeline_lib.data import DataError, infer_interval, load_bars
+    from pipeline_lib.data import DataError, infer_interval, load_bars, load_options
     if not p.exists():
         raise DataError(f'Data path {p} does not exist (from --data-dir, data.source or settings.ini data_dir); '
                         'point --data-dir at a folder or file of CSV/parquet bars, or leave it out to use the embedded '
@@ -456,7 +456,7 @@ def _load_data(data_dir=None, cfg: dict | None = None, settings: dict | None = N
         n = estimate_file_rows(p)
         if n: check_rows(n, f'{_rel(p)} (about {n:,} rows, estimated from the file sizes before reading them)')
     try:
-        bars = load_bars(p)
+        bars = load_bars(p, **load_options(cfg))
         interval = infer_interval(bars)
     except PipelineError: raise
     except Exception as e:
@@ -513,6 +513,9 @@ def data_option_problems(cfg: dict) -> list[str]:
         out.append(f'data.max_rows must be a whole number of rows >= 1 (or null for all rows), got {_fmt(mr)}.')
     if sm is not None and (isinstance(sm, bool) or not isinstance(sm, (int, float)) or not 0 < sm <= 1):
         out.append(f'data.sample must be a fraction in (0, 1] (or null for all the data), got {_fmt(sm)}.')
+    from pipeline_lib.data import DataError, check_load_options, load_options
+    try: check_load_options(**load_options(cfg))   # data.date_format / dayfirst / timezone, features.user_columns
+    except DataError as e: out.append(f'{e}.')
     return out
 
 def estimate_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61) -> int:

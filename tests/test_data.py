@@ -68,7 +68,7 @@ def test_layouts_and_spellings_round_trip(tmp_path, bars):
     tz.to_parquet(tmp_path/'tz.parquet')
     made['tz-aware parquet'] = tmp_path/'tz.parquet'
     for name, path in made.items():
-        got = load_bars(path)
+        got = load_bars(path, timezone='UTC' if 'tz-aware' in name else None)   # aware values to one clock: UTC here
         assert list(got.columns) == list(bars.columns), name
         same(got, bars)
 
@@ -80,13 +80,19 @@ def test_single_file_without_symbol_column_uses_stem(tmp_path, bars):
     assert set(got['symbol']) == {'XYZ'} and len(got) == len(one)
 
 
-def test_mixed_time_zones_across_files_become_utc(tmp_path, bars):
+def test_mixed_time_zones_across_files(tmp_path, bars):
+    "With data.timezone every file is converted to that zone; without it each file keeps its own wall-clock time."
     (tmp_path/'d').mkdir()
     a = bars[bars['symbol'] == 'AAA'].drop(columns='symbol')
     b = bars[bars['symbol'] == 'BBB'].drop(columns='symbol')
     a.assign(timestamp=a['timestamp'].dt.tz_localize('UTC').dt.tz_convert('Asia/Tokyo')).to_csv(tmp_path/'d'/'AAA.csv', index=False)
     b.assign(timestamp=b['timestamp'].dt.strftime('%Y-%m-%dT%H:%M:%SZ')).to_csv(tmp_path/'d'/'BBB.csv', index=False)
-    same(load_bars(tmp_path/'d'), bars)
+    same(load_bars(tmp_path/'d', timezone='UTC'), bars)
+    local = load_bars(tmp_path/'d')
+    tokyo = bars['symbol'].eq('AAA').to_numpy()
+    shift = pd.to_timedelta(np.where(tokyo, 9, 0), unit='h')   # Tokyo is UTC+9 all year
+    same(local, bars.assign(timestamp=(bars['timestamp'] + shift).astype('datetime64[ns]')))
+    assert {r['zone'] for r in local.attrs['timestamps']} == {'local time of the file'}
 
 
 def test_symbol_strings_are_not_parsed_as_numbers(tmp_path, bars):
@@ -108,7 +114,8 @@ def test_extra_numeric_columns_kept_as_float64(tmp_path, bars):
     extra.to_csv(tmp_path/'x.csv', index=False)
     extra.to_parquet(tmp_path/'x.parquet')
     for f in ('x.csv', 'x.parquet'):
-        got = load_bars(tmp_path/f)
+        assert list(load_bars(tmp_path/f).columns) == list(bars.columns)   # not listed: ignored
+        got = load_bars(tmp_path/f, user_columns=['spread', 'n_trades', 'halted'])
         assert list(got.columns) == list(bars.columns) + ['spread', 'n_trades', 'halted']
         assert (got[['spread', 'n_trades', 'halted']].dtypes == 'float64').all()
         np.testing.assert_allclose(got['n_trades'], np.arange(len(bars)))
@@ -118,7 +125,7 @@ def test_extra_numeric_columns_kept_as_float64(tmp_path, bars):
 def test_inf_in_user_feature_becomes_nan_with_warning(tmp_path, bars):
     bars.assign(ratio=np.where(np.arange(len(bars)) == 4, np.inf, 1.0)).to_parquet(tmp_path/'r.parquet')
     with pytest.warns(DataWarning, match="'ratio'.*row 5"):
-        got = load_bars(tmp_path/'r.parquet')
+        got = load_bars(tmp_path/'r.parquet', user_columns=['ratio'])
     assert got['ratio'].isna().sum() == 1 and np.isfinite(got['ratio'].dropna()).all()
 
 
@@ -272,8 +279,11 @@ def _bad_cases(bars):
         'parquet row': (lambda d: (bars.assign(close=np.where(bars.index == 20, np.nan, bars['close'])).to_parquet(d/'p.parquet'), d/'p.parquet')[1],
                         dict(msg='NaN', file='p.parquet', column='close', row=21, line=None)),
         'non-numeric user column': (csv_with(lambda df: df.assign(sector=np.where(df.index < 4, '1.5', 'tech'))),
-                                    dict(msg='User feature column is not numeric', column='sector', row=5, line=6, also="'tech'")),
-        'user columns differ': (two_files, dict(msg='User feature columns differ', file='BBB.csv')),
+                                    dict(msg='User feature column is not numeric', column='sector', row=5, line=6, also="'tech'",
+                                         kw=dict(user_columns=['sector']))),
+        'listed user column missing in one file': (two_files, dict(msg="User column 'spread' (listed in features.user_columns) "
+                                                                   'is not in this file', file='BBB.csv', column='spread',
+                                                                   kw=dict(user_columns=['spread']))),
         'too few rows': (csv_with(None, frame=make_bars(n=40)), dict(msg='40 rows, fewer than min_rows', symbol='AAA')),
         'different intervals': (csv_with(None, frame=pd.concat([make_bars(('AAA',)), make_bars(('BBB',), freq='2min')], ignore_index=True)),
                                 dict(msg='different bar intervals', file='bad.csv')),
@@ -286,7 +296,7 @@ def test_bad_input_raises_data_error_naming_where(tmp_path, bars, case):
     path = write(tmp_path)
     before = listing(tmp_path)
     with pytest.raises(DataError) as e:
-        load_bars(path)
+        load_bars(path, **want.get('kw', {}))
     err, msg = e.value, str(e.value)
     assert want['msg'] in msg, msg
     if 'also' in want: assert want['also'] in msg, msg

@@ -351,19 +351,35 @@ def test_config_restricts_and_normalises(bars, feats):
         normalise_feature_config({'params': {'macd': ['26_12_9']}})
 
 
+def test_extra_columns_are_not_features_unless_listed(bars):
+    "A vendor's extra column (here one that is tomorrow's open: pure leakage) stays out of the features unless named."
+    b = bars.assign(next_open=bars.groupby('symbol')['open'].shift(-1), my_signal=np.arange(len(bars), dtype=float) * 0.5)
+    default = build_features(b, {'families': ['roc']})
+    assert not [c for c in default.columns if c.startswith('user_')]
+    assert feature_names({'families': ['roc']}, b) == default.columns.tolist()
+    f = build_features(b, {'families': ['roc'], 'user_columns': ['my_signal']})
+    assert f.columns.tolist()[-1] == 'user_my_signal' and 'user_next_open' not in f
+    with pytest.raises(DataError, match="user column 'spread'") as e:
+        build_features(b, {'families': ['roc'], 'user_columns': ['spread']})
+    assert e.value.column == 'spread'
+    with pytest.raises(DataError, match='list of the extra file columns'):   # the old `user_columns: true`
+        normalise_feature_config({'user_columns': True})
+
+
 def test_user_columns_pass_through(bars):
     b = bars.assign(my_signal=np.arange(len(bars), dtype=float) * 0.5, flag=np.arange(len(bars)) % 2 == 0)
-    f = build_features(b, {'families': ['roc']})
+    cfg = {'families': ['roc'], 'user_columns': ['my_signal', 'flag']}
+    f = build_features(b, cfg)
     assert f.columns.tolist()[-2:] == ['user_my_signal', 'user_flag']
     assert f['user_my_signal'].dtype == np.float32
     np.testing.assert_array_equal(f['user_my_signal'].to_numpy(), b['my_signal'].to_numpy(np.float32))
-    assert 'user_my_signal' not in build_features(b, {'families': ['roc'], 'user_columns': False})
-    assert feature_warmup({'families': ['roc']}, b)['user_my_signal'] == 0
-    assert feature_names({'families': ['roc']}, b.rename(columns={'flag': 'user_flag'}))[-1] == 'user_flag'   # no double prefix
+    assert 'user_my_signal' not in build_features(b, {'families': ['roc'], 'user_columns': []})
+    assert feature_warmup(cfg)['user_my_signal'] == 0
+    assert feature_names({'families': ['roc'], 'user_columns': ['user_flag']})[-1] == 'user_flag'   # no double prefix
     with pytest.raises(DataError, match='both be named'):
-        build_features(b.assign(user_my_signal=1.0), {'families': ['roc']})
+        build_features(b.assign(user_my_signal=1.0), {**cfg, 'user_columns': ['my_signal', 'user_my_signal']})
     with pytest.raises(DataError, match='exchange'):
-        build_features(b.assign(exchange='XNAS'), {'families': ['roc']})
+        build_features(b.assign(exchange='XNAS'), {'families': ['roc'], 'user_columns': ['exchange']})
 
 
 def test_symbol_order_does_not_matter(bars, feats):
@@ -397,3 +413,15 @@ def test_registered_family_is_built_and_removable(bars):
     finally:
         unregister_family('canary')
     assert 'canary_1' not in feature_names()
+
+
+def test_user_column_list_reaches_inference_and_the_cache_key(bars):
+    "Inference rebuilds only the user columns its models read; the list is part of the feature cache key."
+    from pipeline_lib.feature_cache import cache_key
+    from pipeline_lib.inference import subset_config
+    fc = normalise_feature_config({'families': ['roc'], 'user_columns': ['spread', 'imbalance']})
+    sub = subset_config(fc, ['roc_5', 'user_spread'])
+    assert sub['user_columns'] == ['spread'] and normalise_feature_config(sub) == sub
+    b = bars.assign(spread=0.5)
+    assert build_features(b, sub).columns.tolist() == ['roc_5', 'user_spread']
+    assert cache_key(b, {'families': ['roc']}) != cache_key(b, {'families': ['roc'], 'user_columns': ['spread']})

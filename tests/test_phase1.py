@@ -214,7 +214,7 @@ def test_data_dir_run_has_no_oracle(tmp_path):
     bars = random_bars(n_symbols=3, n_bars=3000, seed=5, extra_columns=1)
     bars.to_csv(tmp_path/'bars.csv', index=False)
     c = load_config('configs/quick.yaml', {'phase1': {'n_features': 12, 'vae': {'epochs': 2}},
-                                           'features': {'families': ['rvol', 'ret', 'roc', 'vma']}})
+                                           'features': {'families': ['rvol', 'ret', 'roc', 'vma'], 'user_columns': ['user_0']}})
     rd = prepare_run_data(c, data_dir=tmp_path/'bars.csv', cache_dir=tmp_path/'cache', progress=False)
     assert rd.oracle is None and 'user_0' in rd.features.columns
     res = run_phase1(c, artifact_root=tmp_path/'root', reports_dir=tmp_path/'reports', run_data=rd, progress=False)
