@@ -33,7 +33,7 @@ from .vae import VAEEncoder
 __all__ = ['ENGINEERING_DEFAULTS', 'ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_settings', 'is_path_target',
            'primary_horizon', 'transformer_params', 'FeatureTransformer', 'top_features_file', 'feature_config_hash',
            'phase1_expect', 'save_transformer', 'load_transformer', 'Phase1Missing', 'check_phase1', 'load_phase1',
-           'Phase1Result', 'bar_returns', 'phase1_metrics', 'run_phase1']
+           'Phase1Result', 'bar_returns', 'phase1_metrics', 'fit_phase1', 'run_phase1']
 
 # %% ../nbs/10_phase1_feature_selection.ipynb #95718fa4
 ENGINEERING_DEFAULTS = {
@@ -470,6 +470,18 @@ def phase1_metrics(ft: FeatureTransformer, res_rows: dict, seconds: float, timin
         'rows': res_rows.get('rows'),
     })
 
+def fit_phase1(cfg: dict, rd, rows) -> FeatureTransformer:
+    """A fresh `FeatureTransformer(**transformer_params(cfg))` fitted on `rows` of `rd` (positions) and on nothing else:
+    the primary target as Phases 2-3 fit it (demeaned within these rows), their timestamps, symbols and, on embedded
+    data, the oracle (its IC sets the leakage bar). Phase 1 fits it on the training rows; Phase 2's walk-forward on
+    each fold's own training rows."""
+    target, rows = cfg['primary_target'], np.asarray(rows)
+    ts, sym = rd.bars['timestamp'].iloc[rows], rd.bars['symbol'].iloc[rows]
+    y = fitting_targets(rd.targets[[target]].iloc[rows], ts, demean_returns(cfg))[target]   # what Phases 2-3 fit
+    ft = FeatureTransformer(**transformer_params(cfg, rd.interval))
+    return ft.fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
+                  oracle=None if rd.oracle is None else rd.oracle['oracle'].iloc[rows])
+
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
     """Phase 1 for the run `cfg` describes: data, selection and engineering on the training rows, artifacts in
@@ -491,16 +503,11 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     tr = rd.rows('train')
     if len(tr) == 0: raise PipelineError("The run's split has no training rows; Phase 1 needs some")
     oracle = oracle_metrics(rd, target)
-    params = transformer_params(cfg, rd.interval)
-    ft = FeatureTransformer(**params)
-    ts, sym = rd.bars['timestamp'], rd.bars['symbol']
     demean = demean_returns(cfg) and target.startswith('fwd_ret_')
-    y = fitting_targets(rd.targets[[target]].iloc[tr], ts.iloc[tr], demean)[target]   # what Phases 2-3 fit
     say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
         + (' (demeaned per timestamp)' if demean else ''))
     t0 = time.perf_counter()
-    ft.fit(rd.features.iloc[tr], y, timestamps=ts.iloc[tr], symbols=sym.iloc[tr],
-           oracle=None if rd.oracle is None else rd.oracle['oracle'].iloc[tr])
+    ft = fit_phase1(cfg, rd, tr)
     timings['fit'] = time.perf_counter() - t0
     timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
     say(f'phase 1: {ft.selection_.message}')
