@@ -3,15 +3,20 @@ model choice (early stopping, ridge's penalty, the ensemble's weights) are fitte
 before the fold's block. Spies record the rows every learner sees; a small market keeps it cheap."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
 
 import pipeline_lib.phase2 as phase2
-from pipeline_lib.config import load_config
+from pipeline_lib.config import deep_merge, load_config
 from pipeline_lib.core_models import MultiTaskModel
 from pipeline_lib.phase1 import FeatureTransformer, run_phase1
+from pipeline_lib.metrics import evaluate
 from pipeline_lib.phase2 import inner_split, run_phase2
+from pipeline_lib.run_data import prepare_run_data
+from pipeline_lib.splits import purged_walk_forward
 from pipeline_lib.targets import max_horizon
 
 # a small null market, few features, short VAE and network fits, two folds: every model runs, cheaply
@@ -153,3 +158,51 @@ def test_inner_split_purges_training_rows_whose_labels_reach_the_fold_validation
     lab = inner_split(ts, sym, horizon=3, valid_frac=0.25)
     assert list(pd.Series(lab).value_counts().sort_index().items()) == [('gap', 6), ('train', 54), ('valid', 20)]
     assert ts[lab == 'train'].max() < ts[lab == 'gap'].min() <= ts[lab == 'gap'].max() < ts[lab == 'valid'].min()
+
+
+# Two planted columns on a null market. Each is U * (3 + c * z + noise), U a random sign: its linear IC with the
+# target is zero (the leakage screen cannot see it) but |column| carries z, the standardised target, with weight c,
+# which trees learn. `planted_a` carries it modestly before the first block and never after; `planted_b` weakly
+# before the first block and strongly only inside it, on rows the main Phase 1 was fitted on (the main training split
+# reaches into the block). Selection keeps one feature. Fitted on rows before the block, Phase 1 prefers planted_a,
+# which is useless in the block; the main Phase 1 (that the old walk-forward reused) saw the block and prefers
+# planted_b, whose relationship the fold's model then learns from its weak early part and cashes in on the block.
+PLANT = deep_merge(SMALL, {'split': {'train': 0.9, 'valid': 0.05, 'test': 0.05},
+                           'phase1': {'n_features': 1, 'max_corr': None},
+                           'phase2': {'models': ['lightgbm']}})
+WEIGHTS = {'planted_a': (0.3, 0.0), 'planted_b': (0.2, 0.9)}    # c before the first block, c inside it
+
+
+def _planted_run_data(cfg):
+    rd = prepare_run_data(cfg, progress=False)
+    ts, sym = rd.bars['timestamp'].to_numpy(), rd.bars['symbol'].to_numpy()
+    scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
+    horizon = max_horizon(cfg['targets']['horizons'], cfg['targets']['path_horizon'])
+    folds = list(purged_walk_forward(pd.Series(ts[scored]), sym[scored], n_folds=cfg['phase2']['n_folds'], horizon=horizon))
+    block = scored[folds[0][1]]
+    start, train_end = ts[block].min(), ts[rd.rows('train')].max()
+    assert train_end > ts[block].max(), 'the main training split must cover the first block'
+    y = rd.targets[cfg['primary_target']].to_numpy(float)
+    z = np.nan_to_num((y - np.nanmean(y)) / np.nanstd(y))
+    rng = np.random.default_rng(0)
+    cols = {}
+    for name, (before, inside) in WEIGHTS.items():
+        c = np.where(ts < start, before, np.where(ts <= ts[block].max(), inside, 0.0))
+        cols[name] = (rng.choice([-1.0, 1.0], len(z)) * (3 + c * z + np.sqrt(1 - c**2) * rng.standard_normal(len(z))))
+    rd = dataclasses.replace(rd, features=rd.features.assign(**{k: v.astype(np.float32) for k, v in cols.items()}))
+    return rd, block
+
+
+def test_a_signal_planted_where_the_main_phase1_overlaps_a_block_does_not_profit_walk_forward(tmp_path):
+    cfg = load_config('configs/quick.yaml', PLANT)
+    rd, block = _planted_run_data(cfg)
+    p1 = run_phase1(cfg, artifact_root=tmp_path, run_data=rd, progress=False)
+    assert p1.selected == ['planted_b']                       # the main Phase 1 saw the block: it picks planted_b
+    y, ts, sym = (rd.targets[cfg['primary_target']].to_numpy(float)[block], rd.bars['timestamp'].to_numpy()[block],
+                  rd.bars['symbol'].to_numpy()[block])
+    f = rd.features['planted_b'].to_numpy(float)[block]
+    there = evaluate(y, np.abs(f), ts, sym)                 # what planted_b offers a model on the first block
+    assert there['ic'] > 0.5
+    r = run_phase2(cfg, artifact_root=tmp_path, run_data=rd, progress=False)
+    fold0 = r.walk_forward[(r.walk_forward['fold'] == 0) & (r.walk_forward['model'] == 'lightgbm')].iloc[0]
+    assert fold0['ic'] < 0.1 and fold0['ic'] < 3 * fold0['ic_se'], (fold0['ic'], fold0['ic_se'], there['ic'])
