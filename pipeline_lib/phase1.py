@@ -470,17 +470,20 @@ def phase1_metrics(ft: FeatureTransformer, res_rows: dict, seconds: float, timin
         'rows': res_rows.get('rows'),
     })
 
-def fit_phase1(cfg: dict, rd, rows) -> FeatureTransformer:
+def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     """A fresh `FeatureTransformer(**transformer_params(cfg))` fitted on `rows` of `rd` (positions) and on nothing else:
     the primary target as Phases 2-3 fit it (demeaned within these rows), their timestamps, symbols and, on embedded
     data, the oracle (its IC sets the leakage bar). Phase 1 fits it on the training rows; Phase 2's walk-forward on
-    each fold's own training rows."""
+    each fold's own training rows, with `screen=False`: the leakage screen only stops a run (it chooses nothing), it
+    already passed on the training rows, and on a fold's fewer rows the oracle's bar is too noisy to stop on."""
     target, rows = cfg['primary_target'], np.asarray(rows)
     ts, sym = rd.bars['timestamp'].iloc[rows], rd.bars['symbol'].iloc[rows]
     y = fitting_targets(rd.targets[[target]].iloc[rows], ts, demean_returns(cfg))[target]   # what Phases 2-3 fit
-    ft = FeatureTransformer(**transformer_params(cfg, rd.interval))
+    params = transformer_params(cfg, rd.interval)
+    if not screen: params['leakage_threshold'] = None
+    ft = FeatureTransformer(**params)
     return ft.fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
-                  oracle=None if rd.oracle is None else rd.oracle['oracle'].iloc[rows])
+                  oracle=None if rd.oracle is None or not screen else rd.oracle['oracle'].iloc[rows])
 
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:

@@ -410,7 +410,7 @@ def walk_forward(rd: RunData, cfg: dict, settings: dict, model_list, heads, hori
         tr, blk = rows[a], rows[b]
         lab = inner_split(ts[tr], sym[tr], horizon, valid_frac)
         t0 = time.perf_counter()
-        ft = fit_phase1(cfg, rd, tr[lab == 'train'])    # the main Phase 1 is fitted on train only, chosen on valid
+        ft = fit_phase1(cfg, rd, tr[lab == 'train'], screen=False)   # as the main Phase 1: on train, not valid
         Xtr, Xblk = ft.transform(rd.features.iloc[tr]), ft.transform(rd.features.iloc[blk])
         t_phase1 = time.perf_counter() - t0
         t0 = time.perf_counter()
