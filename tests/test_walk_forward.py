@@ -160,17 +160,17 @@ def test_inner_split_purges_training_rows_whose_labels_reach_the_fold_validation
     assert ts[lab == 'train'].max() < ts[lab == 'gap'].min() <= ts[lab == 'gap'].max() < ts[lab == 'valid'].min()
 
 
-# Two planted columns on a null market. Each is U * (3 + c * z + noise), U a random sign: its linear IC with the
-# target is zero (the leakage screen cannot see it) but |column| carries z, the standardised target, with weight c,
-# which trees learn. `planted_a` carries it modestly before the first block and never after; `planted_b` weakly
-# before the first block and strongly only inside it, on rows the main Phase 1 was fitted on (the main training split
-# reaches into the block). Selection keeps one feature. Fitted on rows before the block, Phase 1 prefers planted_a,
-# which is useless in the block; the main Phase 1 (that the old walk-forward reused) saw the block and prefers
-# planted_b, whose relationship the fold's model then learns from its weak early part and cashes in on the block.
+# Two planted columns on a null market, each exp(2.5 * (c * z + noise)) with z the standardised target: trees (which
+# only see the order of values) learn it, but its heavy right tail keeps its linear IC small, so the leakage screen
+# lets it through. `planted_a` carries z modestly before the first block and never after; `planted_b` weakly before
+# the first block, then strongly from the block's start to the end of the main training split: rows the main Phase 1
+# was fitted on and fold 0 must never see (the main training split covers the block). Selection keeps one feature. Fitted on rows before the block, Phase 1 prefers planted_a, useless
+# in the block; the main Phase 1 (which the old walk-forward reused) saw the block and prefers planted_b, whose
+# relationship the fold's model then learns from its weak early part and cashes in on the block.
 PLANT = deep_merge(SMALL, {'split': {'train': 0.9, 'valid': 0.05, 'test': 0.05},
                            'phase1': {'n_features': 1, 'max_corr': None},
                            'phase2': {'models': ['lightgbm']}})
-WEIGHTS = {'planted_a': (0.3, 0.0), 'planted_b': (0.2, 0.9)}    # c before the first block, c inside it
+WEIGHTS = {'planted_a': (0.3, 0.0), 'planted_b': (0.2, 0.9)}    # c before the first block, c from it to train's end
 
 
 def _planted_run_data(cfg):
@@ -187,8 +187,8 @@ def _planted_run_data(cfg):
     rng = np.random.default_rng(0)
     cols = {}
     for name, (before, inside) in WEIGHTS.items():
-        c = np.where(ts < start, before, np.where(ts <= ts[block].max(), inside, 0.0))
-        cols[name] = (rng.choice([-1.0, 1.0], len(z)) * (3 + c * z + np.sqrt(1 - c**2) * rng.standard_normal(len(z))))
+        c = np.where(ts < start, before, np.where(ts <= train_end, inside, 0.0))
+        cols[name] = np.exp(2.5 * (c * z + np.sqrt(1 - c**2) * rng.standard_normal(len(z))))
     rd = dataclasses.replace(rd, features=rd.features.assign(**{k: v.astype(np.float32) for k, v in cols.items()}))
     return rd, block
 
@@ -201,7 +201,7 @@ def test_a_signal_planted_where_the_main_phase1_overlaps_a_block_does_not_profit
     y, ts, sym = (rd.targets[cfg['primary_target']].to_numpy(float)[block], rd.bars['timestamp'].to_numpy()[block],
                   rd.bars['symbol'].to_numpy()[block])
     f = rd.features['planted_b'].to_numpy(float)[block]
-    there = evaluate(y, np.abs(f), ts, sym)                 # what planted_b offers a model on the first block
+    there = evaluate(y, np.log(f), ts, sym)                 # what planted_b offers a model on the first block
     assert there['ic'] > 0.5
     r = run_phase2(cfg, artifact_root=tmp_path, run_data=rd, progress=False)
     fold0 = r.walk_forward[(r.walk_forward['fold'] == 0) & (r.walk_forward['model'] == 'lightgbm')].iloc[0]
