@@ -33,7 +33,7 @@ from .vae import VAEEncoder
 __all__ = ['ENGINEERING_DEFAULTS', 'ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_settings', 'is_path_target',
            'primary_horizon', 'transformer_params', 'FeatureTransformer', 'top_features_file', 'feature_config_hash',
            'phase1_expect', 'save_transformer', 'load_transformer', 'Phase1Missing', 'check_phase1', 'phase1_binding',
-           'load_phase1', 'Phase1Result', 'bar_returns', 'phase1_metrics', 'run_phase1']
+           'load_phase1', 'Phase1Result', 'bar_returns', 'phase1_metrics', 'fit_phase1', 'run_phase1']
 
 # %% ../nbs/10_phase1_feature_selection.ipynb #95718fa4
 ENGINEERING_DEFAULTS = {
@@ -481,6 +481,22 @@ def phase1_metrics(ft: FeatureTransformer, res_rows: dict, seconds: float, timin
         'rows': res_rows.get('rows'),
     })
 
+def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
+    """A fresh `FeatureTransformer(**transformer_params(cfg))` fitted on `rows` of `rd` (positions) and on nothing else:
+    the primary target as Phases 2-3 fit it (demeaned within these rows), their timestamps, symbols and, on embedded
+    data, the oracle of this target (its IC sets the leakage bar; a return oracle says nothing about mdd). Phase 1 fits it on the training rows; Phase 2's walk-forward on
+    each fold's own training rows, with `screen=False`: the leakage screen only stops a run (it chooses nothing), it
+    already passed on the training rows, and on a fold's fewer rows the oracle's bar is too noisy to stop on."""
+    target, rows = cfg['primary_target'], np.asarray(rows)
+    ts, sym = rd.bars['timestamp'].iloc[rows], rd.bars['symbol'].iloc[rows]
+    y = fitting_targets(rd.targets[[target]].iloc[rows], ts, demean_returns(cfg))[target]   # what Phases 2-3 fit
+    params = transformer_params(cfg, rd.interval)
+    own_oracle = rd.oracle is not None and getattr(rd, 'oracle_target', None) == target
+    if not screen: params['leakage_threshold'] = None
+    ft = FeatureTransformer(**params)
+    return ft.fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
+                  oracle=rd.oracle['oracle'].iloc[rows] if screen and own_oracle else None)
+
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
     """Phase 1 for the run `cfg` describes: data, selection and engineering on the training rows, artifacts in
@@ -502,18 +518,11 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     tr = rd.rows('train')
     if len(tr) == 0: raise PipelineError("The run's split has no training rows; Phase 1 needs some")
     oracle = oracle_metrics(rd, target)
-    params = transformer_params(cfg, rd.interval)
-    ft = FeatureTransformer(**params)
-    ts, sym = rd.bars['timestamp'], rd.bars['symbol']
     demean = demean_returns(cfg) and target.startswith('fwd_ret_')
-    y = fitting_targets(rd.targets[[target]].iloc[tr], ts.iloc[tr], demean)[target]   # what Phases 2-3 fit
     say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
         + (' (demeaned per timestamp)' if demean else ''))
     t0 = time.perf_counter()
-    # the oracle's leakage bar only for the target it was computed for (a return oracle says nothing about mdd)
-    own_oracle = rd.oracle is not None and getattr(rd, 'oracle_target', None) == target
-    ft.fit(rd.features.iloc[tr], y, timestamps=ts.iloc[tr], symbols=sym.iloc[tr],
-           oracle=rd.oracle['oracle'].iloc[tr] if own_oracle else None)
+    ft = fit_phase1(cfg, rd, tr)
     timings['fit'] = time.perf_counter() - t0
     timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
     say(f'phase 1: {ft.selection_.message}')
@@ -541,7 +550,7 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     metrics['target'] = {'name': target, 'demeaned': demean}
     metrics['leakage']['threshold_setting'] = 'phase1.leakage.' + ('path_threshold' if is_path_target(target) else 'threshold')
     metrics['oracle_note'] = getattr(rd, 'oracle_note', None)
-    metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], ts.to_numpy(), {'train': tr}, demean)
+    metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], rd.bars['timestamp'].to_numpy(), {'train': tr}, demean)
     metrics['metadata_dir'] = str(metadata_dir)
     metrics['top_features_file'] = top_features_file(ft.n_selected_)
     metrics['loading'] = rd.loading   # how the files were read: timestamp format and zone, user columns

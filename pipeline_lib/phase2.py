@@ -31,8 +31,8 @@ from .targets import (PATH_TARGETS, demean_fallback_rows, demean_returns, fittin
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'PHASE2_DEFAULTS', 'KEYS', 'VALID_ROLE', 'MIN_TEST_DAYS', 'CHOSEN_BY',
            'CORE_DIR', 'phase2_settings', 'model_targets', 'Fits', 'fit_models', 'member_predictions', 'predict_all',
            'prediction_frame', 'merge_predictions', 'model_metrics', 'model_backtests', 'daily_ic', 'phase1_cost',
-           'compare', 'verdict', 'walk_forward', 'write_core_models', 'CoreModels', 'load_core_models', 'Phase2Result',
-           'run_phase2']
+           'compare', 'verdict', 'inner_split', 'walk_forward', 'write_core_models', 'CoreModels', 'load_core_models',
+           'Phase2Result', 'run_phase2']
 
 # %% ../nbs/20_phase2_core_models.ipynb #332c140c
 MODEL_NAMES = ('lightgbm', 'multitask', 'ensemble', 'ridge', 'baseline_all_features')
@@ -454,51 +454,63 @@ def verdict(checks: dict, metrics_models: dict) -> list[str]:
     return out
 
 # %% ../nbs/20_phase2_core_models.ipynb #97746f9d
-def walk_forward(rd: RunData, X: pd.DataFrame, F: pd.DataFrame | None, fits: Fits, settings: dict, primary: str,
-                 model_list, horizon: int = 30, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    "Per fold and model: IC of the primary target on the fold's block; and per model the mean with a 95% interval."
+from .phase1 import fit_phase1
+
+def inner_split(timestamps, symbols, horizon: int, valid_frac: float) -> np.ndarray:
+    """'train' | 'gap' | 'valid' labels for one fold's training rows: the latest `valid_frac` of their timestamps are
+    the fold's own validation rows; training rows whose label window (`horizon` bars, per symbol) reaches them: 'gap'."""
+    lab = np.full(len(timestamps), 'gap', dtype=object)
+    (tr, va), = purged_walk_forward(pd.Series(timestamps), symbols, n_folds=1, horizon=int(horizon),
+                                    min_train_frac=1 - float(valid_frac))
+    lab[tr], lab[va] = 'train', 'valid'
+    return lab
+
+def walk_forward(rd: RunData, cfg: dict, settings: dict, model_list, heads, horizon: int = 30,
+                 progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Per purged expanding fold of the scored rows: Phase 1 and every model, choices included, refitted on the fold's
+    training rows only (see above), then the IC of the primary target on the fold's block. Returns the table (fold,
+    model, IC, rows, seconds) and per model the mean IC over folds with a 95% interval and the fold records."""
     say = print if progress else (lambda *a, **k: None)
+    primary = check_target(cfg['primary_target'], rd.targets.columns)
+    sc = cfg['split']
+    valid_frac = float(sc['valid']) / (float(sc['train']) + float(sc['valid']))   # the main split's valid share
     rows = np.flatnonzero(rd.split.to_numpy() != 'gap')
-    ts, sym = rd.bars['timestamp'].to_numpy()[rows], rd.bars['symbol'].to_numpy()[rows]
-    folds = purged_walk_forward(pd.Series(ts), sym, n_folds=int(settings['n_folds']), horizon=int(horizon))
+    ts, sym = rd.bars['timestamp'].to_numpy(), rd.bars['symbol'].to_numpy()
+    n_folds, horizon = int(settings['n_folds']), int(horizon)
+    folds = purged_walk_forward(pd.Series(ts[rows]), sym[rows], n_folds=n_folds, horizon=horizon)
     y = rd.targets[primary].to_numpy(float)             # scored on the raw target
-    ts_all = rd.bars['timestamp'].to_numpy()
-    lp, _ = _lgbm_kwargs(settings)
-    seed, models, recs = int(settings['seed']), set(model_list), []
-    cat = ['regime'] if 'regime' in X.columns else []
+    F = rd.features if 'baseline_all_features' in model_list else None
+    recs = []
     for k, (a, b) in enumerate(folds):
-        tr, va = rows[a], rows[b]
-        Ytr = fitting_targets(rd.targets.iloc[tr], ts_all[tr], settings['demean_returns'])   # the fold's own rows only
-        preds = {}
-        if primary in fits.lightgbm:
-            f = fit_lgbm(X.iloc[tr], Ytr[primary], params={**lp, 'n_estimators': fits.lightgbm[primary].best_iteration}, seed=seed)
-            preds['lightgbm'] = f.predict(X.iloc[va])
-        if primary in fits.baseline and F is not None:
-            f = fit_lgbm(F.iloc[tr], Ytr[primary], params={**lp, 'n_estimators': fits.baseline[primary].best_iteration}, seed=seed)
-            preds['baseline_all_features'] = f.predict(F.iloc[va])
-        if fits.multitask is not None and primary in fits.multitask.heads:
-            old = fits.multitask
-            mt = MultiTaskModel(old.heads, hidden=old.hidden, dropout=old.dropout, lr=old.lr, weight_decay=old.weight_decay,
-                                epochs=old.best_epoch_, patience=None, batch_size=old.batch_size,
-                                loss_weights=old.loss_weights, categorical=old.categorical, seed=seed, device=old.device)
-            cens = rd.targets['tth_side'].eq(0).to_numpy() if 'tth_side' in rd.targets else None
-            mt.fit(X.iloc[tr], Ytr, censored_train=None if cens is None else cens[tr])
-            preds['multitask'] = mt.predict(X.iloc[va])[primary].to_numpy(float)
-        if primary in fits.ridge:
-            preds['ridge'] = fit_ridge(X.iloc[tr], Ytr[primary], alphas=(fits.ridge[primary].alpha,), categorical=cat).predict(X.iloc[va])
-        if primary in fits.ensemble:
-            e = fits.ensemble[primary]
-            if all(m in preds for m in e.members): preds['ensemble'] = e.predict(preds)
-        for name, p in preds.items():
-            if name not in models: continue
-            m = evaluate(y[va], p, rd.bars['timestamp'].to_numpy()[va], rd.bars['symbol'].to_numpy()[va])
-            recs.append({'fold': k, 'model': name, 'n_train': len(tr), 'first': ts[b].min(), 'last': ts[b].max(),
-                         'ic': m['ic'], 'ic_se': m['ic_se'], 'n': m['n']})
-        say(f'walk-forward fold {k}: ' + ', '.join(f"{r['model']} {_f(r['ic'])}" for r in recs if r['fold'] == k))
+        t_fold = time.perf_counter()
+        tr, blk = rows[a], rows[b]
+        lab = inner_split(ts[tr], sym[tr], horizon, valid_frac)
+        t0 = time.perf_counter()
+        ft = fit_phase1(cfg, rd, tr[lab == 'train'], screen=False)   # as the main Phase 1: on train, not valid
+        Xtr, Xblk = ft.transform(rd.features.iloc[tr]), ft.transform(rd.features.iloc[blk])
+        t_phase1 = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fits = fit_models(Xtr, None if F is None else F.iloc[tr], rd.targets.iloc[tr], lab, ts[tr], settings,
+                          model_list, [primary], heads, progress=False)
+        preds = predict_all(fits, Xblk, None if F is None else F.iloc[blk], model_list)
+        t_models = time.perf_counter() - t0
+        fold = {'fold': k, 'first': ts[blk].min(), 'last': ts[blk].max(), 'n_train': int((lab == 'train').sum()),
+                'n_valid': int((lab == 'valid').sum()), 'n_selected': int(ft.n_selected_),
+                'phase1_seconds': t_phase1, 'models_seconds': t_models, 'seconds': time.perf_counter() - t_fold}
+        for key, p in preds.items():
+            name, target = key.split('__', 1)
+            if target != primary: continue
+            m = evaluate(y[blk], p, ts[blk], sym[blk])
+            recs.append({'fold': k, 'model': name, 'ic': m['ic'], 'ic_se': m['ic_se'], 'n': m['n'], **fold})
+        say(f"walk-forward fold {k + 1}/{n_folds}: Phase 1 on {fold['n_train']:,} rows ({fold['n_selected']} selected, "
+            f"{t_phase1:.1f} s), models early-stopped on {fold['n_valid']:,} ({t_models:.1f} s); block "
+            f"{pd.Timestamp(fold['first'])} .. {pd.Timestamp(fold['last'])}: "
+            + ', '.join(f"{r['model']} {_f(r['ic'])}" for r in recs if r['fold'] == k))
     table = pd.DataFrame(recs)
     summary = {name: {**mean_ci(g['ic'].tolist()), 'folds': g.drop(columns='model').to_dict(orient='records')}
                for name, g in table.groupby('model', sort=False)} if len(table) else {}
     return table, json_safe(summary)
+
 
 # %% ../nbs/20_phase2_core_models.ipynb #6cace021
 CORE_DIR = 'core_models'
@@ -634,7 +646,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     wf_table, wf = None, None
     if settings['walk_forward']:
         t0 = time.perf_counter()
-        wf_table, wf = walk_forward(rd, X, F, fits, settings, primary, model_list,
+        wf_table, wf = walk_forward(rd, cfg, settings, model_list, heads,
                                     max_horizon(cfg['targets']['horizons'], cfg['targets']['path_horizon']), progress)
         timings['walk_forward'] = time.perf_counter() - t0
 
