@@ -326,7 +326,9 @@ def test_malformed_data_is_refused_by_the_driver(bad_root, tmp_path, case):
     write, want = BAD[case]
     path = write(tmp_path)
     t0 = time.perf_counter()
-    rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml', '--data-dir', path, '--run-name', 'bad')
+    listed = (want.get('kw') or {}).get('user_columns')   # what load_bars is given, the driver gets as a setting
+    sets = ['--set', f"features.user_columns=[{', '.join(listed)}]"] if listed else []
+    rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml', '--data-dir', path, '--run-name', 'bad', *sets)
     assert rc == runner.EXIT_BAD_INPUT, (out, err)
     assert time.perf_counter() - t0 < FAST_S
     assert err.startswith('error: ') and want['msg'] in err and 'Traceback' not in err, err
