@@ -135,13 +135,13 @@ def user_column_name(col) -> str:
     col = str(col)
     return col if col.startswith('user_') else f'user_{col}'
 
-def feature_names(config: dict | None = None, bars: pd.DataFrame | None = None) -> list[str]:
-    "Column names `build_features` gives under `config`, in order, then `user_<col>` for each listed user column (`bars` is not needed)."
+def feature_names(config: dict | None = None) -> list[str]:
+    "Column names `build_features` gives under `config`, in order, then `user_<col>` for each listed user column."
     cfg = normalise_feature_config(config)
     names = [FEATURE_FAMILIES[n].column(p) for n, ps in cfg['families'].items() for p in ps]
     return names + [user_column_name(c) for c in cfg['user_columns']]
 
-def feature_warmup(config: dict | None = None, bars: pd.DataFrame | None = None) -> dict[str, int]:
+def feature_warmup(config: dict | None = None) -> dict[str, int]:
     "Declared warm-up per column: that many first rows of each symbol are NaN (user columns: 0)."
     cfg = normalise_feature_config(config)
     out = {FEATURE_FAMILIES[n].column(p): FEATURE_FAMILIES[n].warmup_bars(p, cfg) for n, ps in cfg['families'].items() for p in ps}
@@ -628,8 +628,8 @@ def build_features(bars: pd.DataFrame, config: dict | None = None) -> pd.DataFra
     "Feature frame aligned row-for-row with `bars` (same RangeIndex): float32 columns `family_param` in registry order, then `user_<col>`."
     cfg = normalise_feature_config(config)
     _check_bars(bars, cfg['user_columns'])
-    names = feature_names(cfg, bars)
-    warm = feature_warmup(cfg, bars)
+    names = feature_names(cfg)
+    warm = feature_warmup(cfg)
     with _fast_pages(): return _build(bars, cfg, names, warm)
 
 def _build(bars, cfg, names, warm):

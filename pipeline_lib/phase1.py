@@ -484,18 +484,18 @@ def phase1_metrics(ft: FeatureTransformer, res_rows: dict, seconds: float, timin
 def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     """A fresh `FeatureTransformer(**transformer_params(cfg))` fitted on `rows` of `rd` (positions) and on nothing else:
     the primary target as Phases 2-3 fit it (demeaned within these rows), their timestamps, symbols and, on embedded
-    data, the oracle of this target (its IC sets the leakage bar; a return oracle says nothing about mdd). Phase 1 fits it on the training rows; Phase 2's walk-forward on
-    each fold's own training rows, with `screen=False`: the leakage screen only stops a run (it chooses nothing), it
-    already passed on the training rows, and on a fold's fewer rows the oracle's bar is too noisy to stop on."""
+    data, the oracle of this target (its IC sets the leakage bar; a return oracle says nothing about mdd). Phase 1
+    fits it on the training rows; Phase 2's walk-forward on each fold's own training rows, with `screen=False`: the
+    leakage screen only stops a run (it chooses nothing), it already passed on the training rows, and on a fold's
+    fewer rows the oracle's bar is too noisy to stop on."""
     target, rows = cfg['primary_target'], np.asarray(rows)
     ts, sym = rd.bars['timestamp'].iloc[rows], rd.bars['symbol'].iloc[rows]
     y = fitting_targets(rd.targets[[target]].iloc[rows], ts, demean_returns(cfg))[target]   # what Phases 2-3 fit
     params = transformer_params(cfg, rd.interval)
-    own_oracle = rd.oracle is not None and getattr(rd, 'oracle_target', None) == target
     if not screen: params['leakage_threshold'] = None
-    ft = FeatureTransformer(**params)
-    return ft.fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
-                  oracle=rd.oracle['oracle'].iloc[rows] if screen and own_oracle else None)
+    use_oracle = screen and rd.oracle is not None and rd.oracle_target == target
+    return FeatureTransformer(**params).fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
+                                            oracle=rd.oracle['oracle'].iloc[rows] if use_oracle else None)
 
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
@@ -549,7 +549,7 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     metrics = phase1_metrics(ft, extra, seconds, timings)
     metrics['target'] = {'name': target, 'demeaned': demean}
     metrics['leakage']['threshold_setting'] = 'phase1.leakage.' + ('path_threshold' if is_path_target(target) else 'threshold')
-    metrics['oracle_note'] = getattr(rd, 'oracle_note', None)
+    metrics['oracle_note'] = rd.oracle_note
     metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], rd.bars['timestamp'].to_numpy(), {'train': tr}, demean)
     metrics['metadata_dir'] = str(metadata_dir)
     metrics['top_features_file'] = top_features_file(ft.n_selected_)

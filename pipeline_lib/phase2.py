@@ -646,8 +646,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     wf_table, wf = None, None
     if settings['walk_forward']:
         t0 = time.perf_counter()
-        wf_table, wf = walk_forward(rd, cfg, settings, model_list, heads,
-                                    max_horizon(cfg['targets']['horizons'], cfg['targets']['path_horizon']), progress)
+        wf_table, wf = walk_forward(rd, cfg, settings, model_list, heads, settings['purge_bars'], progress)
         timings['walk_forward'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -673,7 +672,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     fitted = [c for c in rd.targets.columns if c in set(lgbm_targets) | set(heads)]
     metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[fitted], rd.bars['timestamp'].to_numpy(),
                                                            {s: rd.rows(s) for s in ('train', 'valid')}, settings['demean_returns'])
-    metrics['oracle_note'] = getattr(rd, 'oracle_note', None)
+    metrics['oracle_note'] = rd.oracle_note
     metrics = json_safe(metrics)
     if reports_dir is not None:
         reports_dir = Path(reports_dir)

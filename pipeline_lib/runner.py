@@ -807,7 +807,7 @@ def plan_runs(opts: Options, root=None) -> Plan:
         check_rows(len(bars), f'{_rel(data_dir, root)} ({len(bars):,} rows)')
     problems = []
     for p, cfg in zip(points, cfgs):
-        n_avail = _feature_count(cfg, bars)
+        n_avail = _feature_count(cfg)
         want_n = (cfg.get('phase1') or {}).get('n_features')
         if isinstance(want_n, int) and not isinstance(want_n, bool) and n_avail and want_n > n_avail:
             msg = (f'phase1.n_features = {want_n} is more than the {n_avail} features this feature config builds'
@@ -846,11 +846,11 @@ def plan_runs(opts: Options, root=None) -> Plan:
     return Plan(runs=runs, phases={n: phases_found[n] for n in wanted}, root=root, reports_base=reports_base,
                 settings=settings, defaults=defaults, workers=opts.workers, command=opts.command, warnings=warn_list)
 
-def _feature_count(cfg: dict, bars=None) -> int | None:
-    "How many feature columns `cfg`'s feature config builds (user columns of `bars` included); None if it cannot say."
+def _feature_count(cfg: dict) -> int | None:
+    "How many feature columns `cfg`'s feature config builds (its listed user columns included); None if it cannot say."
     try:
         from pipeline_lib.features import feature_names
-        return len(feature_names(cfg.get('features'), bars))
+        return len(feature_names(cfg.get('features')))
     except PipelineError as e:
         raise ConfigError(f'The feature config is invalid: {e}') from None
     except Exception:

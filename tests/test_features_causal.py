@@ -117,7 +117,7 @@ def warmup_violations(bars, full, config=None, starts=None) -> tuple[dict[str, s
     Per-symbol columns are compared at rows whose position in the later data is >= the warm-up; cross-sectional
     columns from the first timestamp at which every symbol has passed its warm-up. Also returns how many cells
     were compared per column (a column never compared is reported as a violation: the data were too short)."""
-    warm = F.feature_warmup(config, bars)
+    warm = F.feature_warmup(config)
     kinds = {F.FEATURE_FAMILIES[n].column(p): F.FEATURE_FAMILIES[n].kind
              for n, ps in F.normalise_feature_config(config)['families'].items() for p in ps}
     found, counted, scale = {}, dict.fromkeys(full.columns, 0), _std(full)
@@ -161,7 +161,7 @@ def bars():
 @pytest.fixture(scope='module')
 def full(bars):
     f = F.build_features(bars)
-    assert list(f.columns) == F.feature_names(None, bars) and len(f) == len(bars) and f.index.equals(bars.index)
+    assert list(f.columns) == F.feature_names() and len(f) == len(bars) and f.index.equals(bars.index)
     assert (f.dtypes == np.float32).all()
     return f
 
@@ -169,7 +169,7 @@ def full(bars):
 @pytest.fixture(scope='module')
 def long_data(bars, full):
     "(bars, features) long enough that every column has a few hundred rows after its warm-up in a later-starting frame."
-    need = max(F.feature_warmup(None, bars).values()) + 700
+    need = max(F.feature_warmup().values()) + 700
     if need <= N_BARS: return bars, full
     b = random_bars(N_SYMBOLS, need, seed=11, extra_columns=1)
     return b, F.build_features(b)
@@ -196,7 +196,7 @@ def test_random_bars_are_realistic(bars):
 def test_every_column_is_finite_somewhere_after_its_warmup(long_data):
     "A column that is all NaN after its warm-up would pass every causality check vacuously."
     bars, full = long_data
-    warm, pos = F.feature_warmup(None, bars), _positions(bars)
+    warm, pos = F.feature_warmup(), _positions(bars)
     empty = [c for c in full.columns if not np.isfinite(full[c].to_numpy()[pos >= warm[c]]).any()]
     assert not empty, f'columns with no finite value after their warm-up: {empty}'
 
