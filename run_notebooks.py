@@ -5,7 +5,7 @@
     python run_notebooks.py --help     # flags
     python run_notebooks.py --list     # phases, configs, past runs
 
-The logic lives in `pipeline_lib.runner` (notebook nbs/90_runner.ipynb); this file is only the entry point.
+The logic lives in `pipeline_lib.driver.runner` (notebook nbs/601_driver.runner.ipynb); this file is only the entry point.
 """
 import os
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 def _main() -> int:
     try:
-        from pipeline_lib.runner import main
+        from pipeline_lib.driver.runner import main
     except ImportError as e:
         # Started with a Python that lacks the project (e.g. the system python): use the repo's venv if there is one.
         venv = Path(__file__).resolve().parent/'.venv'

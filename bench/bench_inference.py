@@ -26,9 +26,9 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
 
-from pipeline_lib.config import load_config, scratch_root  # noqa: E402
+from pipeline_lib.core.config import load_config, scratch_root  # noqa: E402
 from pipeline_lib.inference import load_run, register_run  # noqa: E402
-from pipeline_lib.market import make_market  # noqa: E402
+from pipeline_lib.data.market import make_market  # noqa: E402
 
 BUDGET_S = 5.0
 
@@ -42,8 +42,8 @@ def quick_run() -> Path:
         return rep
     except Exception:
         pass
-    from pipeline_lib.phase1 import run_phase1
-    from pipeline_lib.phase2 import run_phase2
+    from pipeline_lib.phases.phase1 import run_phase1
+    from pipeline_lib.phases.phase2 import run_phase2
     cfg = load_config('configs/quick.yaml', {'phase2': {'multitask': {'epochs': 5}}})
     print('training a quick run (Phase 1 + 2) once into', root, flush=True)
     p1 = run_phase1(cfg, artifact_root=root, reports_dir=rep, progress=False)

@@ -30,10 +30,10 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
 
-from pipeline_lib.config import deep_merge, load_config, scratch_root  # noqa: E402
-from pipeline_lib.core_models import mean_ci  # noqa: E402
-from pipeline_lib.phase1 import run_phase1  # noqa: E402
-from pipeline_lib.phase2 import run_phase2  # noqa: E402
+from pipeline_lib.core.config import deep_merge, load_config, scratch_root  # noqa: E402
+from pipeline_lib.models.tabular import mean_ci  # noqa: E402
+from pipeline_lib.phases.phase1 import run_phase1  # noqa: E402
+from pipeline_lib.phases.phase2 import run_phase2  # noqa: E402
 
 
 MODELS = {'n': 'lightgbm', 'all': 'baseline_all_features'}

@@ -29,12 +29,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import pipeline_lib.config  # noqa: E402,F401  first: sets OMP_WAIT_POLICY=PASSIVE before any OpenMP runtime starts
+import pipeline_lib.core.config  # noqa: E402,F401  first: sets OMP_WAIT_POLICY=PASSIVE before any OpenMP runtime starts
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline_lib.sequence import MODELS, fit_sequence_model, model_config, predict_windows, window_ends  # noqa: E402
+from pipeline_lib.models.sequence import MODELS, fit_sequence_model, model_config, predict_windows, window_ends  # noqa: E402
 
 
 def _rss() -> int:

@@ -27,9 +27,9 @@ os.chdir(ROOT)
 
 import yaml  # noqa: E402
 
-from pipeline_lib.config import deep_merge, load_config, scratch_root  # noqa: E402
-from pipeline_lib.phase1 import run_phase1  # noqa: E402
-from pipeline_lib.phase2 import run_phase2  # noqa: E402
+from pipeline_lib.core.config import deep_merge, load_config, scratch_root  # noqa: E402
+from pipeline_lib.phases.phase1 import run_phase1  # noqa: E402
+from pipeline_lib.phases.phase2 import run_phase2  # noqa: E402
 
 
 def _override(key: str, value: str) -> dict:

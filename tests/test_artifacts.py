@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import pipeline_lib
-from pipeline_lib.artifacts import (
+from pipeline_lib.core.artifacts import (
     KEY_ENV, MANIFEST, SIGNATURE, ArtifactError, ArtifactWarning, ArtifactWriter, atomic_write_json, json_dumps_safe,
     library_versions, load_bytes, load_joblib, load_json, load_torch_state, merge_json_atomic, sha256_file, verify_manifest)
-from pipeline_lib.config import PipelineError
+from pipeline_lib.core.config import PipelineError
 
 
 def _dead_pid():
@@ -187,7 +187,7 @@ def test_json_helpers_write_null_not_nan(tmp_path):
 
 _MERGER = textwrap.dedent('''
     import sys, time
-    from pipeline_lib.artifacts import merge_json_atomic
+    from pipeline_lib.core.artifacts import merge_json_atomic
     path, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
     while time.time() < start: time.sleep(0.001)
     for i in range(40): merge_json_atomic(path, f'{tag}{i}', {'i': i, 'x': float('nan')})

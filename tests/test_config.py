@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_lib.config import PipelineError, config_hash, deep_merge, load_config, load_settings, repo_root
+from pipeline_lib.core.config import PipelineError, config_hash, deep_merge, load_config, load_settings, repo_root
 
 
 def test_repo_root_is_found_from_any_cwd(tmp_path, monkeypatch):

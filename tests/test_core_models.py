@@ -1,4 +1,4 @@
-"""Unit tests of pipeline_lib.core_models on small synthetic data: ensemble weights, NaN masking and censoring in the
+"""Unit tests of pipeline_lib.models.tabular on small synthetic data: ensemble weights, NaN masking and censoring in the
 multi-task loss, LightGBM determinism, scaling, ridge, the paired IC difference."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.core_models import (MultiTaskLoss, MultiTaskModel, MultiTaskNet, TabularScaler, censored_mse, day_blocks,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.models.tabular import (MultiTaskLoss, MultiTaskModel, MultiTaskNet, TabularScaler, censored_mse, day_blocks,
                                       fit_ensemble, fit_lgbm, fit_ridge, mean_ci, paired_ic_difference, simplex_weights)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.data import MIN_ROWS, DataError, DataWarning, infer_interval, load_bars
+from pipeline_lib.data.load import MIN_ROWS, DataError, DataWarning, infer_interval, load_bars
 
 
 def make_bars(symbols=('AAA', 'BBB'), n=120, freq='1min', start='2024-01-02 09:30', seed=0):

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.core_models import day_blocks, fit_ensemble, simplex_weights
-from pipeline_lib.metrics import evaluate
-from pipeline_lib.phase2 import (MIN_TEST_DAYS, Fits, compare, model_metrics, phase1_cost, predict_all, verdict)
+from pipeline_lib.models.tabular import day_blocks, fit_ensemble, simplex_weights
+from pipeline_lib.evaluation.metrics import evaluate
+from pipeline_lib.phases.phase2 import (MIN_TEST_DAYS, Fits, compare, model_metrics, phase1_cost, predict_all, verdict)
 
 T = 'fwd_ret_5m'
 PURGE = 30
@@ -177,7 +177,7 @@ def test_verdict_shows_the_cost_of_a_full_retrain(tmp_path):
 
 
 def test_phase3_comparison_labels_validation_figures_and_never_chooses_an_in_sample_one():
-    from pipeline_lib.phase3 import compare_with_phase2
+    from pipeline_lib.phases.phase3 import compare_with_phase2
     X, frame, _ = _panel()
     fits = _fits(X, frame)
     _, in_sample = _scored(fits, X, frame, out_of_fold=False)    # an old run: the ensemble scored in-sample on valid
@@ -195,7 +195,7 @@ def test_phase3_comparison_labels_validation_figures_and_never_chooses_an_in_sam
 
 
 def test_show_and_index_mark_in_sample_validation_figures(tmp_path):
-    from pipeline_lib.runner import VALID_NOTE, build_index, show_run
+    from pipeline_lib.driver.runner import VALID_NOTE, build_index, show_run
     ic = lambda v: {T: {'train': {'ic': 0.2}, 'valid': {'ic': v}, 'test': {'ic': 0.05}}}
     (tmp_path/'r1').mkdir()
     (tmp_path/'r1'/'metrics.json').write_text(json.dumps({

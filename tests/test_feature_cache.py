@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import random_bars
-from pipeline_lib import feature_cache as fc
-from pipeline_lib import features as F
+from pipeline_lib.features import store as fc
+from pipeline_lib.features import library as F
 
 
 @pytest.fixture

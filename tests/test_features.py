@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.data import DataError, session_ids
-from pipeline_lib.features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
+from pipeline_lib.data.load import DataError, session_ids
+from pipeline_lib.features.library import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
                                    FeatureFamily, build_features, ewm_warmup, feature_names, feature_warmup,
                                    normalise_feature_config, random_bars, register_family, unregister_family)
 
@@ -292,7 +292,7 @@ def test_time_features(bars, feats):
 
 def test_features_and_targets_share_one_session_definition():
     "Session starts of the features (time_since_open == 0) are session_ids' (the targets'): new days, and a lunch break > 15 bars."
-    from pipeline_lib.targets import build_targets
+    from pipeline_lib.data.targets import build_targets
     b = random_bars(2, 3 * 390, seed=5)
     t, day = b['timestamp'], b['timestamp'].dt.normalize()
     days = np.sort(day.unique())
@@ -417,7 +417,7 @@ def test_registered_family_is_built_and_removable(bars):
 
 def test_user_column_list_reaches_inference_and_the_cache_key(bars):
     "Inference rebuilds only the user columns its models read; the list is part of the feature cache key."
-    from pipeline_lib.feature_cache import cache_key
+    from pipeline_lib.features.store import cache_key
     from pipeline_lib.inference import subset_config
     fc = normalise_feature_config({'families': ['roc'], 'user_columns': ['spread', 'imbalance']})
     sub = subset_config(fc, ['roc_5', 'user_spread'])

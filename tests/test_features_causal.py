@@ -22,13 +22,13 @@ import pandas as pd
 import pytest
 
 from conftest import check_valid_bars, randomise_after, random_bars
-from pipeline_lib import features as F
+from pipeline_lib.features import library as F
 
 N_SYMBOLS, N_BARS = 4, 1500
 # A cell passes when |got - expected| <= RTOL * |expected|  or  <= ATOL_STD * (the column's std over the full data).
 # Causal values should be bit-identical whatever comes later; the slack only forgives summation-order noise.
 CAUSAL_RTOL, CAUSAL_ATOL_STD = 1e-6, 1e-7
-# The warm-up promise (DESIGN/03_features: "no longer matters to 1e-6 relative"): relative to the value, or to the
+# The warm-up promise (DESIGN/201_features.library: "no longer matters to 1e-6 relative"): relative to the value, or to the
 # column's spread for values near zero (a feature crossing zero cannot be 1e-6-relative to itself).
 WARMUP_RTOL, WARMUP_ATOL_STD = 1e-6, 1e-6
 

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.artifacts import ArtifactError, atomic_write_json, read_json
-from pipeline_lib.config import PipelineError, load_config
-from pipeline_lib.data import DataError
+from pipeline_lib.core.artifacts import ArtifactError, atomic_write_json, read_json
+from pipeline_lib.core.config import PipelineError, load_config
+from pipeline_lib.data.load import DataError
 from pipeline_lib.inference import InferenceError, load_run, main, register_run
-from pipeline_lib.market import make_market
-from pipeline_lib.phase1 import run_phase1
-from pipeline_lib.phase2 import run_phase2
+from pipeline_lib.data.market import make_market
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.phase2 import run_phase2
 
 # quick config; 14 days so that even the all-features baseline (vtod_10: 11 sessions of warm-up) scores the test rows
 OVERRIDES = {'data': {'market': {'n_days': 14}}, 'phase2': {'multitask': {'epochs': 5}},
@@ -36,7 +36,7 @@ def trained(tmp_path_factory):
     p1 = run_phase1(cfg, artifact_root=root, reports_dir=rep, progress=False)
     run_phase2(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
     try:
-        from pipeline_lib.phase3 import run_phase3
+        from pipeline_lib.phases.phase3 import run_phase3
         run_phase3(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
     except ImportError:
         pass

@@ -18,16 +18,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pipeline_lib.sequence as sequence
-from pipeline_lib.artifacts import ArtifactError, merge_json_atomic, read_json, read_manifest, sha256_file
-from pipeline_lib.config import load_config
-from pipeline_lib.features import build_features
+import pipeline_lib.models.sequence as sequence
+from pipeline_lib.core.artifacts import ArtifactError, merge_json_atomic, read_json, read_manifest, sha256_file
+from pipeline_lib.core.config import load_config
+from pipeline_lib.features.library import build_features
 from pipeline_lib.inference import (InferenceError, InferenceWarning, check_bars, cross_sectional_columns, load_run, main,
                                     register_run, subset_config)
-from pipeline_lib.market import make_market
-from pipeline_lib.phase1 import run_phase1
-from pipeline_lib.phase2 import run_phase2
-from pipeline_lib.phase3 import load_sequence_models, run_phase3
+from pipeline_lib.data.market import make_market
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.phase2 import run_phase2
+from pipeline_lib.phases.phase3 import load_sequence_models, run_phase3
 
 OVERRIDES = {'phase2': {'models': ['lightgbm']}}
 PHASE3 = {'models': ['cnn1d'], 'lookback': 8, 'max_epochs': 1, 'max_train_windows': 512, 'max_valid_windows': 256,

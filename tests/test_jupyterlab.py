@@ -1,7 +1,7 @@
 """JupyterLab from the repo root opens our notebooks in a real browser, and they run top to bottom on their defaults.
 
 Starts `jupyter lab --no-browser` (the venv's) on a free loopback port with a random token and the repo root as its
-root, opens `nbs/00_config.ipynb` in headless Chromium (Debian's `chromium`, driven by Playwright's Python API; no
+root, opens `nbs/000_core.config.ipynb` in headless Chromium (Debian's `chromium`, driven by Playwright's Python API; no
 browser download), waits for its cells to render, runs every cell through JupyterLab's own "Run All" command in the
 kernel JupyterLab started for it, and checks that no cell errored, that the kernel is the environment's Python with
 cwd `nbs/`, that `settings.ini`'s paths resolve from the repo root, and that the notebook file was not modified.
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = 'nbs/00_config.ipynb'
+NOTEBOOK = 'nbs/000_core.config.ipynb'
 CHROMIUM = os.environ.get('CHROMIUM') or shutil.which('chromium') or '/usr/bin/chromium'
 CHROMIUM_FLAGS = ['--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage', '--disable-background-networking',
                   '--disable-quic', '--no-first-run', '--disable-component-update', '--disable-sync',
@@ -38,7 +38,7 @@ TIMEOUT_MS = 45_000  # any one wait; the whole test takes ~15 s on 2 cores
 # Checked in the kernel after "Run All": where it runs, which Python, and what settings.ini resolves to.
 PROBE = """
 import json as _j, os as _o, sys as _s
-from pipeline_lib.config import load_settings as _ls
+from pipeline_lib.core.config import load_settings as _ls
 _st = _ls()
 print('PROBE' + _j.dumps({'cwd': _o.getcwd(), 'prefix': _s.prefix, 'root': str(_st['root']),
                           'cache_dir': str(_st['cache_dir']), 'in_test': _o.environ.get('IN_TEST')}))

@@ -6,16 +6,16 @@ import pandas as pd
 import pytest
 from conftest import check_valid_bars, randomise_after
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.data import infer_interval, session_ids
-from pipeline_lib.market import (ORACLE_SOURCES, REGIMES, MarketParams, causal_oracle, drift_inputs, drift_sum,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.data.load import infer_interval, session_ids
+from pipeline_lib.data.market import (ORACLE_SOURCES, REGIMES, MarketParams, causal_oracle, drift_inputs, drift_sum,
                                  make_market, mc_oracle, oracle_sources, stationary)
 
 P = MarketParams()
 
 
 def fwd_ret(bars, h=5):
-    "log(close[t+h]/close[t]) within one symbol and session, else NaN (independent of pipeline_lib.targets)."
+    "log(close[t+h]/close[t]) within one symbol and session, else NaN (independent of pipeline_lib.data.targets)."
     lc, sid = np.log(bars['close'].to_numpy()), session_ids(bars)
     out = np.full(len(lc), np.nan)
     out[:-h] = np.where(sid[h:] == sid[:-h], lc[h:] - lc[:-h], np.nan)
@@ -161,7 +161,7 @@ def test_regimes_persist_and_drive_volatility(market):
 
 
 def _park_60(bars):
-    features = pytest.importorskip('pipeline_lib.features')
+    features = pytest.importorskip('pipeline_lib.features.library')
     return features.build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
 
 
@@ -310,7 +310,7 @@ def test_oracle_sources_name_the_drift_inputs():
 
 
 def test_oracle_sources_hint_at_real_features():
-    features = pytest.importorskip('pipeline_lib.features')
+    features = pytest.importorskip('pipeline_lib.features.library')
     names = set(features.feature_names())
     for s in ORACLE_SOURCES:
         assert set(s['features']) <= names, s['name']

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.data import DataError
-from pipeline_lib.metrics import (METRIC_KEYS, backtest, bars_per_year, block_labels, evaluate, evaluate_splits,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.data.load import DataError
+from pipeline_lib.evaluation.metrics import (METRIC_KEYS, backtest, bars_per_year, block_labels, evaluate, evaluate_splits,
                                   json_safe, se_simulation)
 
 

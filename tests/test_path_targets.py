@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.config import load_config
-from pipeline_lib.phase1 import run_phase1
-from pipeline_lib.phase2 import run_phase2
-from pipeline_lib.run_data import oracle_for, oracle_metrics
+from pipeline_lib.core.config import load_config
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.phase2 import run_phase2
+from pipeline_lib.phases.run_data import oracle_for, oracle_metrics
 
 PATH_THRESHOLD = 0.9   # above the volatility features' |IC| with mdd, so the screen passes; recorded as the bar used
 

@@ -1,4 +1,4 @@
-"""Phase 1 (pipeline_lib.phase1): selection on training rows only, artifacts that round-trip and refuse tampering,
+"""Phase 1 (pipeline_lib.phases.phase1): selection on training rows only, artifacts that round-trip and refuse tampering,
 N carried through when fewer features pass, and the scikit-learn estimator API.
 
 One quick-config run is shared by most tests (module-scoped fixture); the VAE is kept short there (4 epochs) because
@@ -15,13 +15,13 @@ import pytest
 from sklearn.base import clone
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline_lib.artifacts import ArtifactError
-from pipeline_lib.config import load_config
-from pipeline_lib.features import FEATURE_FAMILIES, normalise_feature_config
-from pipeline_lib.market import ORACLE_SOURCES
-from pipeline_lib.phase1 import (FeatureTransformer, phase1_expect, run_phase1, top_features_file, transformer_params)
-from pipeline_lib.run_data import prepare_run_data
-from pipeline_lib.selection import LeakageError, synthetic_panel
+from pipeline_lib.core.artifacts import ArtifactError
+from pipeline_lib.core.config import load_config
+from pipeline_lib.features.library import FEATURE_FAMILIES, normalise_feature_config
+from pipeline_lib.data.market import ORACLE_SOURCES
+from pipeline_lib.phases.phase1 import (FeatureTransformer, phase1_expect, run_phase1, top_features_file, transformer_params)
+from pipeline_lib.phases.run_data import prepare_run_data
+from pipeline_lib.models.selection import LeakageError, synthetic_panel
 
 FAST = {'phase1': {'vae': {'epochs': 4}}}
 
@@ -280,7 +280,7 @@ def _expected_failed_checks(estimator):
             '`X_trans.dtype` fails; every output column is float32 (checked in test_outputs_follow_n)',
         'check_fit2d_1feature':
             'fits on 10 rows: the inner purged fold then has 5 validation rows, below the 10 that the importance '
-            'models need for early stopping (pipeline_lib.selection raises a PipelineError saying so)',
+            'models need for early stopping (pipeline_lib.models.selection raises a PipelineError saying so)',
         'check_n_features_in_after_fitting':
             'fits on about 15 rows: the inner purged fold then has 7 validation rows, below the 10 that the '
             'importance models need',
@@ -300,7 +300,7 @@ class _Captured(Exception):
 def test_phase1_ranks_features_for_the_target_phase2_fits(cfg, rd, monkeypatch, tmp_path, demean):
     """The selection target is `fitting_targets` of the training rows: with targets.demean_returns the return minus its
     per-timestamp mean over training rows (what Phases 2-3 fit), else the raw return."""
-    from pipeline_lib.config import deep_merge
+    from pipeline_lib.core.config import deep_merge
     seen = {}
     def capture(self, X, y, **kw):
         seen['y'], seen['ts'] = np.asarray(y, float), np.asarray(kw['timestamps'])

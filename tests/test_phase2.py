@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.artifacts import ArtifactError
-from pipeline_lib.config import config_hash, load_config
-from pipeline_lib.metrics import METRIC_KEYS
-from pipeline_lib.phase1 import run_phase1
-from pipeline_lib.phase2 import (MODEL_NAMES, Phase1Missing, load_core_models, merge_predictions, run_phase2)
+from pipeline_lib.core.artifacts import ArtifactError
+from pipeline_lib.core.config import config_hash, load_config
+from pipeline_lib.evaluation.metrics import METRIC_KEYS
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.phase2 import (MODEL_NAMES, Phase1Missing, load_core_models, merge_predictions, run_phase2)
 
 # quick config, no planted drift, 16 days so the test split has 4 days (day-block standard errors need a few blocks)
 # 40 days give 8 test days: a delete-a-day jackknife over 4 days (16 days) has 3 degrees of freedom, and on pure noise

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline_lib.artifacts import ArtifactError
-from pipeline_lib.config import PipelineError, load_config
-from pipeline_lib.metrics import METRIC_KEYS
-from pipeline_lib.phase1 import run_phase1
-from pipeline_lib.phase2 import prediction_frame
-from pipeline_lib.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_settings, run_phase3,
+from pipeline_lib.core.artifacts import ArtifactError
+from pipeline_lib.core.config import PipelineError, load_config
+from pipeline_lib.evaluation.metrics import METRIC_KEYS
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.phase2 import prediction_frame
+from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_settings, run_phase3,
                                  transform_array)
-from pipeline_lib.runner import DependencyError
+from pipeline_lib.driver.runner import DependencyError
 
 T = 'fwd_ret_5m'
 # quick config, no planted drift, 16 days so the test split has 4 days (day-block standard errors need a few blocks);
@@ -197,8 +197,8 @@ class _Captured(Exception):
 def test_networks_are_trained_and_stopped_on_the_demeaned_return_of_their_block_only(run, monkeypatch):
     """Phase 3 fits `fitting_targets` like Phase 2: the train and valid blocks each demeaned over their own rows,
     and no test row's target is ever handed to the trainer."""
-    import pipeline_lib.phase3 as p3
-    from pipeline_lib.run_data import prepare_run_data
+    import pipeline_lib.phases.phase3 as p3
+    from pipeline_lib.phases.run_data import prepare_run_data
     cfg, root, res = run
     seen = {}
     def capture(name, X, y, train_ends, valid_ends, *a, **kw):

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.plots import (
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.evaluation.plots import (
     decile_table, plot_daily_ic, plot_decile_returns, plot_equity_curves, plot_importance_bars, plot_lgbm_curves,
     plot_regimes, plot_training_curves)
 

@@ -83,7 +83,7 @@ def _bench_selection():
 
 
 def test_bench_selection_prints_each_models_fraction_of_the_oracle_and_the_mean_over_seeds(tmp_path, monkeypatch, capsys):
-    "What 02_market's prose used to quote as a table is printed by the bench, per seed and over seeds."
+    "What 102_data.market's prose used to quote as a table is printed by the bench, per seed and over seeds."
     bench = _bench_selection()
     T = 'fwd_ret_5m'
     def metrics(oracle, n, all_):

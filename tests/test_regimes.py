@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.regimes import RegimeModel, regime_names, regime_runs, regime_stats, transition_matrix
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.models.regimes import RegimeModel, regime_names, regime_runs, regime_stats, transition_matrix
 
 
 def _clusters(n=1500, seed=0):

@@ -27,9 +27,9 @@ import pandas as pd
 import psutil
 import pytest
 
-import pipeline_lib.runner as runner
-from pipeline_lib.artifacts import ArtifactError, ArtifactWarning, ArtifactWriter, verify_manifest
-from pipeline_lib.config import load_config, load_settings
+import pipeline_lib.driver.runner as runner
+from pipeline_lib.core.artifacts import ArtifactError, ArtifactWarning, ArtifactWriter, verify_manifest
+from pipeline_lib.core.config import load_config, load_settings
 from test_data import _bad_cases, make_bars
 from test_runner import DRIVER, FAST_S, make_root
 
@@ -119,8 +119,8 @@ def numbers_close(a, b, path='', tol=1e-6) -> list[str]:
 @pytest.fixture(scope='module')
 def twice(tmp_path_factory):
     "Phase 1 + 2 of the quick config, twice, each from scratch (its own data, artifacts and reports)."
-    from pipeline_lib.phase1 import run_phase1
-    from pipeline_lib.phase2 import run_phase2
+    from pipeline_lib.phases.phase1 import run_phase1
+    from pipeline_lib.phases.phase2 import run_phase2
     cfg = load_config(QUICK)
     out = []
     for i in (1, 2):
@@ -190,7 +190,7 @@ def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tm
     its child are gone within seconds, the old folder stays, the staging folder is cleaned by the next writer."""
     root = make_root(tmp_path/'root')
     with ArtifactWriter(root/'metadata', 'demo', {'v': 1}) as w: w.save_json('a.json', {'v': 1})
-    body = ("import subprocess, time, pathlib\nfrom pipeline_lib.artifacts import ArtifactWriter\n"
+    body = ("import subprocess, time, pathlib\nfrom pipeline_lib.core.artifacts import ArtifactWriter\n"
             "child = subprocess.Popen(['sleep', '120'])\nprint('CHILD', child.pid, flush=True)\n"
             "with ArtifactWriter(pathlib.Path(artifact_root)/'metadata', 'demo', {'v': 2}) as w:\n"
             "    w.save_json('a.json', {'v': 2}); w.save_json('b.json', {'half': True})\n"
@@ -249,7 +249,7 @@ def no_unpickling(monkeypatch):
 
 
 def test_modified_artifact_is_refused(meta_copy, no_unpickling):
-    from pipeline_lib.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     gmm = next(p for p in (meta_copy/'metadata').iterdir() if 'gmm' in p.name)
     data = bytearray(gmm.read_bytes()); data[len(data)//2] ^= 0xFF; gmm.write_bytes(bytes(data))
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run')
@@ -259,7 +259,7 @@ def test_modified_artifact_is_refused(meta_copy, no_unpickling):
 
 
 def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpickling):
-    from pipeline_lib.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--set', 'features.exclude=[rsi]', '--phases', '2', '--dry-run')
     assert rc == runner.EXIT_BAD_INPUT and 'different Phase 1 config' in err and 'features.exclude' in err, err
     other = load_config(QUICK, {'features': {'exclude': ['rsi']}})
@@ -269,7 +269,7 @@ def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpicklin
 
 def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatch):
     "Another pipeline_lib version: a warning (the hashes and config still match, so they are usable), or a refusal on request."
-    from pipeline_lib.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     mp = meta_copy/'metadata'/'manifest.json'
     m = json.loads(mp.read_text()); m['versions']['pipeline_lib'] = '9.9.9'; mp.write_text(json.dumps(m))
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run')
@@ -288,10 +288,10 @@ def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatc
 
 def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp_path):
     "Same path, other rows: the runner's reuse check compares data fingerprints; FeatureTransformer.load with expect too."
-    from pipeline_lib.feature_cache import data_fingerprint
-    from pipeline_lib.data import load_bars
-    from pipeline_lib.market import make_market
-    from pipeline_lib.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.features.store import data_fingerprint
+    from pipeline_lib.data.load import load_bars
+    from pipeline_lib.data.market import make_market
+    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     bars, _ = make_market(n_symbols=2, n_days=3, seed=3)
     path = tmp_path/'bars.parquet'
     bars.to_parquet(path)
@@ -373,8 +373,8 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
     # a file: estimated from its size, refused before load_bars reads it
     bars, _ = make_market_bars()
     bars.to_parquet(tmp_path/'big.parquet')
-    import pipeline_lib.data
-    monkeypatch.setattr(pipeline_lib.data, 'load_bars', lambda *a, **k: pytest.fail('the data was read'))
+    import pipeline_lib.data.load
+    monkeypatch.setattr(pipeline_lib.data.load, 'load_bars', lambda *a, **k: pytest.fail('the data was read'))
     monkeypatch.setattr(runner, 'available_memory', lambda: 2**20)
     rc, out, err = main_in(bad_root, '--data-dir', tmp_path/'big.parquet')
     assert rc == runner.EXIT_BAD_INPUT and f'about {len(bars):,} rows, estimated from the file sizes' in err, err
@@ -386,7 +386,7 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
 
 
 def make_market_bars():
-    from pipeline_lib.market import make_market
+    from pipeline_lib.data.market import make_market
     return make_market(n_symbols=2, n_days=2, seed=1)
 
 
@@ -404,7 +404,7 @@ def test_data_size_options_are_validated_and_counted():
 
 def test_a_grid_worker_exits_when_the_driver_dies():
     "`--workers N` runs grid points in worker processes; `_guard_parent` makes one exit as soon as its driver is killed."
-    child = ("import time; from pipeline_lib.runner import _guard_parent; _guard_parent(); print('guarded', flush=True); "
+    child = ("import time; from pipeline_lib.driver.runner import _guard_parent; _guard_parent(); print('guarded', flush=True); "
              "time.sleep(60)")
     code = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
             "print(p.pid, flush=True); time.sleep(60)")

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from pipeline_lib.config import PipelineError, load_config
-from pipeline_lib.market import make_market
-from pipeline_lib.run_data import check_target, oracle_metrics, prepare_run_data, reduce_bars
+from pipeline_lib.core.config import PipelineError, load_config
+from pipeline_lib.data.market import make_market
+from pipeline_lib.phases.run_data import check_target, oracle_metrics, prepare_run_data, reduce_bars
 
 
 @pytest.fixture(scope='module')

@@ -1,4 +1,4 @@
-"""The batch driver (run_notebooks.py / pipeline_lib.runner).
+"""The batch driver (run_notebooks.py / pipeline_lib.driver.runner).
 
 Every driver run here happens in a scratch repo root (a copy of settings.ini and configs/ under a tmp folder,
 selected with PIPELINE_ROOT), so the real metadata/, output/, reports/ and logs/ are never touched. One quick run
@@ -20,9 +20,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline_lib.artifacts import ArtifactWriter
-from pipeline_lib.config import PipelineError, config_hash, load_settings
-from pipeline_lib.runner import (
+from pipeline_lib.core.artifacts import ArtifactWriter
+from pipeline_lib.core.config import PipelineError, config_hash, load_settings
+from pipeline_lib.driver.runner import (
     RUN_KEYS, ConfigError, DependencyError, NotebookError, Options, check_notebook, discover_phases, flatten, grid_run_name,
     parse_assignment, parse_grid, plan_runs, range_problems, report_problems, target_problems, type_problems,
     unknown_keys, write_demo_phase)

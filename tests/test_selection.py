@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.metrics import block_labels, pearson_with_se
-from pipeline_lib.selection import (ImportanceResult, LeakageError, add_noise_controls, check_leakage, feature_ic,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.evaluation.metrics import block_labels, pearson_with_se
+from pipeline_lib.models.selection import (ImportanceResult, LeakageError, add_noise_controls, check_leakage, feature_ic,
                                     feature_importance, leakage_screen, select_features, select_on_train,
                                     selection_params, synthetic_panel)
-from pipeline_lib.splits import make_split
+from pipeline_lib.data.splits import make_split
 
 PLANTED = ['f00', 'f01', 'f02']
 FAST = dict(horizon=5, num_threads=1, n_folds=3, shap_sample=1000)

@@ -1,4 +1,4 @@
-"""Lookback windows and sequence models (pipeline_lib.sequence): windows never cross symbols or splits, a window's last
+"""Lookback windows and sequence models (pipeline_lib.models.sequence): windows never cross symbols or splits, a window's last
 row is its target row, windows are views into one array, the models learn what only a window can tell, configs are
 checked, and state dicts round-trip with weights_only=True."""
 from __future__ import annotations
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.data import DataError
-from pipeline_lib.sequence import (MODELS, POOLINGS, WindowDataset, batch_loader, build_model, fit_record,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.data.load import DataError
+from pipeline_lib.models.sequence import (MODELS, POOLINGS, WindowDataset, batch_loader, build_model, fit_record,
                                    fit_sequence_model, model_config, model_from_state, predict_windows, receptive_field,
                                    resolve_threads, symbol_starts, window_ends, window_mask)
 

@@ -5,9 +5,9 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.data import DataError
-from pipeline_lib.splits import make_split, purged_walk_forward, split_summary
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.data.load import DataError
+from pipeline_lib.data.splits import make_split, purged_walk_forward, split_summary
 
 
 def make_bars(seed, n_symbols=3, n_ts=400, p_missing=0.2, holes=1, delist=False, daily_break=130):

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.data import DataError
-from pipeline_lib.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_fallback_rows,
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.data.load import DataError
+from pipeline_lib.data.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_fallback_rows,
                                   demean_returns, fitting_targets, max_horizon, target_horizon_bars, target_names)
 from conftest import random_bars as conftest_bars
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.data import DataError, describe_load, load_bars, load_options, load_summary
+from pipeline_lib.data.load import DataError, describe_load, load_bars, load_options, load_summary
 
 SYMBOLS = ('AAA', 'BBB', 'CCC')
 
@@ -184,8 +184,8 @@ def test_driver_refuses_an_ambiguous_file_fast_and_accepts_it_with_dayfirst(tmp_
 
 def test_run_data_reads_files_with_the_config_settings_and_says_how(tmp_path, capsys):
     "prepare_run_data passes data.dayfirst and features.user_columns to load_bars and records/prints what was done."
-    from pipeline_lib.config import load_config
-    from pipeline_lib.run_data import prepare_run_data
+    from pipeline_lib.core.config import load_config
+    from pipeline_lib.phases.run_data import prepare_run_data
     days = [pd.date_range(f'2017-01-0{d} 09:30', periods=390, freq='min') for d in (2, 3)]   # every day <= 12
     stamps = [t.strftime('%d/%m/%Y %H:%M') for t in days[0].append(days[1])]
     path = write_bars(tmp_path/'eu.csv', stamps, spread=0.5, next_open=1.0)

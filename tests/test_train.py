@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline_lib.train import (
+from pipeline_lib.models.trainer import (
     ArrayDataset, TrainingError, available_cpus, evaluate_loss, fit_torch, make_loader, masked_mse, predict_torch,
     resolve_device, seed_everything)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from pipeline_lib.config import PipelineError
-from pipeline_lib.vae import VAEEncoder, VAELoss, holdout_mask
+from pipeline_lib.core.config import PipelineError
+from pipeline_lib.models.vae import VAEEncoder, VAELoss, holdout_mask
 
 FAST = dict(latent_dim=4, hidden=(16, 8), epochs=4, batch_size=128, kl_warmup_epochs=2, patience=3)
 

@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pipeline_lib.phase2 as phase2
-from pipeline_lib.config import deep_merge, load_config
-from pipeline_lib.core_models import MultiTaskModel
-from pipeline_lib.phase1 import FeatureTransformer, run_phase1
-from pipeline_lib.metrics import evaluate
-from pipeline_lib.phase2 import inner_split, run_phase2
-from pipeline_lib.run_data import prepare_run_data
-from pipeline_lib.splits import purged_walk_forward
-from pipeline_lib.targets import max_horizon
+import pipeline_lib.phases.phase2 as phase2
+from pipeline_lib.core.config import deep_merge, load_config
+from pipeline_lib.models.tabular import MultiTaskModel
+from pipeline_lib.phases.phase1 import FeatureTransformer, run_phase1
+from pipeline_lib.evaluation.metrics import evaluate
+from pipeline_lib.phases.phase2 import inner_split, run_phase2
+from pipeline_lib.phases.run_data import prepare_run_data
+from pipeline_lib.data.splits import purged_walk_forward
+from pipeline_lib.data.targets import max_horizon
 
 # a small null market, few features, short VAE and network fits, two folds: every model runs, cheaply
 SMALL = {'data': {'market': {'strength': 0, 'n_symbols': 4, 'n_days': 10}},
