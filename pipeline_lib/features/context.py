@@ -11,7 +11,7 @@ import pandas as pd
 from ..data.load import is_intraday, session_ids, symbol_intervals
 from .kernels import (_nb_argext, _nb_corr, _nb_cs_rank, _nb_ewm, _nb_lag, _nb_mean_std,
                                            _nb_quantile_rank, _nb_regress, _nb_skew_kurt, _nb_sum, _slots)
-from .registry import FeatureError, normalise_feature_config
+from .registry import FeatureError
 
 # %% auto #0
 __all__ = ['FeatureContext']

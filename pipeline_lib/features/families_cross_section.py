@@ -5,8 +5,6 @@
 # %% ../../nbs/208_features.families_cross_section.ipynb #96862f6e
 from __future__ import annotations
 
-import numpy as np
-
 from .families_returns import WINDOWS, _ret, _vsurp
 from .registry import _w, _wd, family
 

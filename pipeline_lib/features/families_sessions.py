@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import pandas as pd
-
 from .kernels import _nb_session_scan
 from .registry import FeatureError, family
 
