@@ -156,9 +156,10 @@ class LSTMRegressor(nn.Module):
 
     Examples
     --------
+    Eight windows of 32 bars with 5 features each give eight predictions:
+
     >>> import torch
-    >>> x = torch.randn(8, 32, 5)           # (batch, lookback, features)
-    >>> LSTMRegressor(n_features=5, hidden_size=16, num_layers=1)(x).shape
+    >>> LSTMRegressor(n_features=5, hidden_size=16, num_layers=1)(torch.randn(8, 32, 5)).shape
     torch.Size([8])
     """
     def __init__(self, n_features: int, hidden_size: int = 128, num_layers: int = 2, dropout: float = 0.3):
@@ -214,21 +215,21 @@ class TransformerRegressor(nn.Module):
         n_features -> d_model.
     pe : torch.Tensor
         The (lookback, d_model) positional encoding (a non-persistent buffer).
-    cls : torch.nn.Parameter or None
-        The [CLS] token, with `pooling='cls'`.
     encoder : torch.nn.TransformerEncoder
         The encoder layers (batch first).
     norm : torch.nn.LayerNorm
         Normalisation of the pooled output.
     head : torch.nn.Linear
         d_model -> 1.
+    cls : torch.nn.Parameter or None
+        The learned [CLS] token of shape (1, 1, d_model) with `pooling='cls'`, else None.
 
     Examples
     --------
     >>> import torch
-    >>> x = torch.randn(8, 32, 5)           # (batch, lookback, features)
-    >>> TransformerRegressor(n_features=5, lookback=32, d_model=16, n_heads=2, pooling='mean')(x).shape
-    torch.Size([8])
+    >>> model = TransformerRegressor(n_features=5, lookback=32, d_model=16, n_heads=2, pooling='cls')
+    >>> model(torch.randn(8, 32, 5)).shape, tuple(model.cls.shape)
+    (torch.Size([8]), (1, 1, 16))
     """
     def __init__(self, n_features: int, lookback: int = 32, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
                  dim_feedforward: int = 128, dropout: float = 0.1, pooling: str = 'last'):
@@ -309,10 +310,11 @@ class CNN1DRegressor(nn.Module):
 
     Examples
     --------
-    >>> import torch
-    >>> x = torch.randn(8, 32, 5)           # (batch, lookback, features)
+    The default dilations see 61 bars, enough for a lookback of 32; a lookback of 64 would be refused.
+
+    >>> from torch import randn
     >>> model = CNN1DRegressor(n_features=5, lookback=32, channels=8)
-    >>> model.receptive_field, model(x).shape
+    >>> model.receptive_field, model(randn(8, 32, 5)).shape
     (61, torch.Size([8]))
     """
     def __init__(self, n_features: int, lookback: int = 32, channels: int = 64, kernel_size: int = 3,

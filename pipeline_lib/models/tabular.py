@@ -122,7 +122,41 @@ EARLY_STOPPING_ROUNDS = 50
 
 @dataclass
 class LGBMFit:
-    "A fitted LightGBM regressor with what the report needs: curves, best iteration, timing, feature names."
+    """A fitted LightGBM regressor with what the report needs: curves, best iteration, timing, feature names.
+
+    `fit_lgbm` returns it; `predict` uses the best iteration and takes the columns it was fitted on by name.
+
+    Attributes
+    ----------
+    model : lightgbm.LGBMRegressor
+        The fitted regressor.
+    features : list of str
+        The columns it was fitted on, in order.
+    target : str or None
+        The target's name, for reports.
+    best_iteration, n_iterations : int
+        The iteration kept (early stopping on the validation rows) and the iterations run.
+    evals_result : dict
+        The loss per iteration on 'train' (and 'valid').
+    seconds : float
+        Training wall time; `seconds_per_iteration` divides it by `n_iterations`.
+    params : dict
+        The LightGBM parameters used (`LGBM_PARAMS`, the overrides, `LGBM_FIXED`, seed and threads).
+    categorical : list of str
+        The columns passed to LightGBM as categorical.
+    n_train, n_valid : int
+        Rows with a finite target it trained and early-stopped on.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> X = pd.DataFrame(rng.normal(size=(600, 3)), columns=['a', 'b', 'c'])
+    >>> y = X['a'] + 0.1 * rng.normal(size=600)
+    >>> fit = fit_lgbm(X[:400], y[:400], X[400:], y[400:], params={'min_child_samples': 20, 'n_estimators': 50})
+    >>> fit.predict(X[400:]).shape, fit.importance().index[0]
+    ((200,), 'a')
+    """
     model: object = field(repr=False)
     features: list
     target: str | None
@@ -411,7 +445,34 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 
 @dataclass
 class RidgeFit:
-    "A scaled ridge regression and how its penalty was chosen."
+    """A scaled ridge regression and how its penalty was chosen; `fit_ridge` returns it.
+
+    Attributes
+    ----------
+    scaler : TabularScaler
+        The input scaler fitted on the training rows with a finite target.
+    model : sklearn.linear_model.Ridge
+        The regression with the chosen penalty.
+    alpha : float
+        The chosen penalty.
+    valid_mse : dict
+        Validation MSE per candidate penalty (empty without validation rows).
+    target : str or None
+        The target's name, for reports.
+    seconds : float
+        Wall time of the fit.
+
+    Examples
+    --------
+    A straight line, where the smallest penalty wins:
+
+    >>> import numpy as np, pandas as pd
+    >>> X = pd.DataFrame({'a': np.linspace(-1, 1, 300), 'b': np.tile([0.0, 1.0], 150)})
+    >>> y = 2 * X['a']
+    >>> fit = fit_ridge(X[:200], y[:200], X[200:], y[200:], alphas=(0.1, 1e6))
+    >>> fit.alpha, fit.predict(X[200:]).shape
+    (0.1, (100,))
+    """
     scaler: TabularScaler = field(repr=False)
     model: object = field(repr=False)
     alpha: float
@@ -484,8 +545,36 @@ def day_blocks(timestamps, n_blocks: int = ENSEMBLE_FOLDS) -> np.ndarray:
 
 @dataclass
 class Ensemble:
-    """A fixed convex combination of named members' predictions for one target. `weights` are fitted on all validation
-    rows (used on test and in production); `folds` hold the out-of-fold weights of each validation day block."""
+    """A fixed convex combination of named members' predictions for one target; `fit_ensemble` returns it.
+
+    `weights` are fitted on all validation rows (used on test and in production); `folds` hold the out-of-fold
+    weights of each validation day block, so that the ensemble can also be scored out of sample on validation.
+
+    Attributes
+    ----------
+    members : list of str
+        The members' names, in the order of `weights`.
+    weights : list of float
+        Non-negative weights that sum to 1.
+    target : str or None
+        The target's name, for reports.
+    n_fit : int
+        Validation rows the weights were fitted on (all members and the target finite).
+    folds : list of dict
+        Per day block: its first and last timestamps, the weights fitted without it, and their row count.
+    purge_bars : int
+        Timestamps on each side of a block left out of its out-of-fold fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([0.0, 1, 2, 3])
+    >>> ens = fit_ensemble({'good': y, 'zero': np.zeros(4)}, y)
+    >>> ens.as_dict()
+    {'good': 1.0, 'zero': 0.0}
+    >>> ens.predict({'good': np.ones(2), 'zero': np.zeros(2)})
+    array([1., 1.])
+    """
     members: list
     weights: list
     target: str | None = None
