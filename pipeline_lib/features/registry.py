@@ -68,7 +68,7 @@ def unregister_family(name: str) -> None:
     "Remove a family (for tests that registered a canary)."
     FEATURE_FAMILIES.pop(name, None)
 
-RECURSIVE_TOL = 1e-9   # the families' filters: see "Classic indicators" for why it is tighter than 1e-6
+RECURSIVE_TOL = 1e-9   # the families' filters: features.families_classic says why it is tighter than 1e-6
 
 def ewm_warmup(alpha: float, tol: float = 1e-6) -> int:
     "Bars after which an EMA's starting value weighs less than `tol`: ceil(log(tol)/log(1-alpha))."
