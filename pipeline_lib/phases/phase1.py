@@ -105,6 +105,7 @@ def _as_vector(v, n: int, what: str) -> np.ndarray:
     if len(a) != n: raise ValueError(f'{what} has {len(a)} rows but features has {n}; they must be aligned row for row')
     return a
 
+# %% ../../nbs/503_phases.phase1.ipynb #493f3a61
 class FeatureTransformer(TransformerMixin, BaseEstimator):
     """Phase 1 as a scikit-learn transformer: feature selection on the rows given to `fit`, then engineering.
 
@@ -429,6 +430,7 @@ def save_transformer(ft: FeatureTransformer, metadata_dir, meta: dict | None = N
         w.save_joblib(GMM_FILE, ft.regime_model_)
     return w.manifest
 
+# %% ../../nbs/503_phases.phase1.ipynb #dfcb6695
 def _check_feature_config(m: dict, expect: dict, d: Path):
     "A readable refusal when the manifest was built for another feature config (before anything is unpickled)."
     want = expect.get('feature_config_hash')
@@ -558,6 +560,7 @@ def _regime_report(ft: FeatureTransformer, rd, labels: np.ndarray, rows: np.ndar
             'stats': stats.reset_index().to_dict(orient='records'), 'transition': trans.to_numpy().tolist(),
             'share_by_split': {s: v.tolist() for s, v in share.items()}}
 
+# %% ../../nbs/503_phases.phase1.ipynb #5f1752a9
 def phase1_metrics(ft: FeatureTransformer, res_rows: dict, seconds: float, timings: dict) -> dict:
     "metrics.json's `phase1` key."
     sel, vae = ft.selection_, ft.vae_
@@ -598,6 +601,7 @@ def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     return FeatureTransformer(**params).fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
                                             oracle=rd.oracle['oracle'].iloc[rows] if use_oracle else None)
 
+# %% ../../nbs/503_phases.phase1.ipynb #fcc24424
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
     """Phase 1 for the run `cfg` describes: data, selection and engineering on the training rows, artifacts in

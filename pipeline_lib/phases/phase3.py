@@ -61,6 +61,7 @@ PHASE3_DEFAULTS = {
 }
 TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS)
 
+# %% ../../nbs/505_phases.phase3.ipynb #963044ba
 def phase3_options(cfg: dict) -> dict:
     """The `phase3` section of `cfg` over `PHASE3_DEFAULTS`, checked; `models` becomes {name: overrides} and `seed`,
     `device` are resolved from settings.ini when null."""
@@ -155,6 +156,7 @@ def _ev(frame, col, y, rows):
     return evaluate(frame[y].to_numpy()[rows], frame[col].to_numpy()[rows], frame['timestamp'].to_numpy()[rows],
                     frame['symbol'].to_numpy()[rows])
 
+# %% ../../nbs/505_phases.phase3.ipynb #c3b33355
 def compare_with_phase2(P: pd.DataFrame, primary: str, p3_models, phase2_metrics: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Every model of both phases (and the oracle) on the same rows: those with a finite target and a prediction from
     every Phase 3 model. `P` is the merged predictions.parquet frame. Returns (table, JSON-ready summary).
@@ -313,6 +315,7 @@ def _stale_phase2(output_dir, ft, metadata_dir) -> str | None:
     return (f'{why}: Phase 1 was re-run after Phase 2, so Phase 2\'s predictions come from other features and are '
             'left out of this comparison; re-run Phase 2 (python run_notebooks.py --phases 2) to compare them') if why else None
 
+# %% ../../nbs/505_phases.phase3.ipynb #c589e5a8
 def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None, output_dir=None,
                run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase3Result:
     """Phase 3 for the run `cfg` describes. Reads Phase 1's artifacts from `metadata_dir` (default
