@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 
 from conftest import check_valid_bars, randomise_after, random_bars
-from pipeline_lib.features import library as F
+from pipeline_lib import features as F
 
 N_SYMBOLS, N_BARS = 4, 1500
 # A cell passes when |got - expected| <= RTOL * |expected|  or  <= ATOL_STD * (the column's std over the full data).

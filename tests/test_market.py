@@ -161,7 +161,7 @@ def test_regimes_persist_and_drive_volatility(market):
 
 
 def _park_60(bars):
-    features = pytest.importorskip('pipeline_lib.features.library')
+    features = pytest.importorskip('pipeline_lib.features')
     return features.build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
 
 
@@ -310,7 +310,7 @@ def test_oracle_sources_name_the_drift_inputs():
 
 
 def test_oracle_sources_hint_at_real_features():
-    features = pytest.importorskip('pipeline_lib.features.library')
+    features = pytest.importorskip('pipeline_lib.features')
     names = set(features.feature_names())
     for s in ORACLE_SOURCES:
         assert set(s['features']) <= names, s['name']

@@ -23,7 +23,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ..core.artifacts import (ArtifactError, ArtifactWriter, json_safe, load_joblib, load_json, merge_json_atomic,
                                     manifest_sha256, read_manifest, verify_manifest)
 from ..core.config import PipelineError, config_hash, deep_merge, load_settings
-from ..features.library import FEATURE_LIBRARY_VERSION, normalise_feature_config
+from ..features import FEATURE_LIBRARY_VERSION, normalise_feature_config
 from ..models.regimes import RegimeModel, regime_names, regime_stats, transition_matrix
 from ..models.selection import PHASE1_DEFAULTS, select_on_train, selection_params
 from ..data.targets import PATH_TARGETS, demean_fallback_rows, demean_returns, fitting_targets, target_horizon_bars
