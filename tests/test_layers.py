@@ -64,9 +64,9 @@ def test_imports_go_down_the_layers(path):
 def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     "The rule would catch a real violation: a relative import from data up to the driver, inside a function."
     fake = PKG/'data'/'load.py'
-    monkeypatch.setattr(Path, 'read_text', lambda self, *a, **k: 'def f():\n    from ..driver.runner import main\n')
+    monkeypatch.setattr(Path, 'read_text', lambda self, *a, **k: 'def f():\n    from ..driver.cli import main\n')
     (line, target), = imports_of(fake)
-    assert target == 'pipeline_lib.driver.runner' and layer(target) > layer(module_name(fake))
+    assert target == 'pipeline_lib.driver.cli' and layer(target) > layer(module_name(fake))
 
 
 def test_public_api_imports_from_the_layer_packages():

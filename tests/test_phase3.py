@@ -18,7 +18,7 @@ from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import prediction_frame
 from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_options, run_phase3,
                                  transform_array)
-from pipeline_lib.driver.runner import DependencyError
+from pipeline_lib.core.config import DependencyError
 
 T = 'fwd_ret_5m'
 # quick config, no planted drift, 16 days so the test split has 4 days (day-block standard errors need a few blocks);

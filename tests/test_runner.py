@@ -1,4 +1,4 @@
-"""The batch driver (run_notebooks.py / pipeline_lib.driver.runner).
+"""The batch driver (run_notebooks.py / pipeline_lib.driver).
 
 Every driver run here happens in a scratch repo root (a copy of settings.ini and configs/ under a tmp folder,
 selected with PIPELINE_ROOT), so the real metadata/, output/, reports/ and logs/ are never touched. One quick run
@@ -21,11 +21,14 @@ import pytest
 import yaml
 
 from pipeline_lib.core.artifacts import ArtifactWriter
-from pipeline_lib.core.config import PipelineError, config_hash, load_settings
-from pipeline_lib.driver.runner import (
-    RUN_KEYS, ConfigError, DependencyError, NotebookError, Options, check_notebook, discover_phases, flatten, grid_run_name,
-    parse_assignment, parse_grid, plan_runs, range_problems, report_problems, target_problems, type_problems,
-    unknown_keys, write_demo_phase)
+from pipeline_lib.core.config import DependencyError, PipelineError, config_hash, flatten, load_settings
+from pipeline_lib.driver.demo import write_demo_phase
+from pipeline_lib.driver.errors import ConfigError, NotebookError
+from pipeline_lib.driver.notebooks import check_notebook, discover_phases
+from pipeline_lib.driver.plan import Options, grid_run_name, plan_runs
+from pipeline_lib.driver.reports import RUN_KEYS, report_problems
+from pipeline_lib.driver.schema import (parse_assignment, parse_grid, range_problems, target_problems, type_problems,
+                                        unknown_keys)
 
 REPO = load_settings()['root']
 DRIVER = REPO/'run_notebooks.py'
