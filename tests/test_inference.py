@@ -18,9 +18,10 @@ from pipeline_lib.core.artifacts import ArtifactError, atomic_write_json, read_j
 from pipeline_lib.core.config import PipelineError, load_config
 from pipeline_lib.data.load import DataError
 from pipeline_lib.inference import InferenceError, load_run, main, register_run
-from pipeline_lib.data.market import make_market
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import run_phase2
+from pipeline_lib.phases.phase3 import run_phase3
+from synthetic import config_market_bars
 
 # quick config; 14 days so that even the all-features baseline (vtod_10: 11 sessions of warm-up) scores the test rows
 OVERRIDES = {'data': {'market': {'n_days': 14}}, 'phase2': {'multitask': {'epochs': 5}},
@@ -35,13 +36,9 @@ def trained(tmp_path_factory):
     rep = root/'reports'/'t'
     p1 = run_phase1(cfg, artifact_root=root, reports_dir=rep, progress=False)
     run_phase2(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
-    try:
-        from pipeline_lib.phases.phase3 import run_phase3
-        run_phase3(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
-    except ImportError:
-        pass
+    run_phase3(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
     register_run(rep, cfg, root, name='t')
-    bars, _ = make_market(**cfg['data']['market'], horizon=int(cfg['targets']['horizons'][0]))
+    bars = config_market_bars(cfg)
     return cfg, root, rep, bars
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import check_valid_bars, randomise_after
 
 from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import infer_interval, session_ids
 from pipeline_lib.data.market import (ORACLE_SOURCES, REGIMES, MarketParams, causal_oracle, drift_inputs, drift_sum,
                                  make_market, mc_oracle, oracle_sources, stationary)
+from pipeline_lib.features.library import build_features, feature_names
+from synthetic import check_valid_bars, randomise_after
 
 P = MarketParams()
 
@@ -161,8 +162,7 @@ def test_regimes_persist_and_drive_volatility(market):
 
 
 def _park_60(bars):
-    features = pytest.importorskip('pipeline_lib.features.library')
-    return features.build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
+    return build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
 
 
 def _regime_from_bars(bars):
@@ -310,8 +310,7 @@ def test_oracle_sources_name_the_drift_inputs():
 
 
 def test_oracle_sources_hint_at_real_features():
-    features = pytest.importorskip('pipeline_lib.features.library')
-    names = set(features.feature_names())
+    names = set(feature_names())
     for s in ORACLE_SOURCES:
         assert set(s['features']) <= names, s['name']
         assert all(any(n.startswith(f + '_') for n in names) for f in s['families']), s['name']

@@ -22,6 +22,7 @@ from pipeline_lib.data.market import ORACLE_SOURCES
 from pipeline_lib.phases.phase1 import (FeatureTransformer, phase1_expect, run_phase1, top_features_file, transformer_params)
 from pipeline_lib.phases.run_data import prepare_run_data
 from pipeline_lib.models.selection import LeakageError, synthetic_panel
+from synthetic import realistic_bars
 
 FAST = {'phase1': {'vae': {'epochs': 4}}}
 
@@ -210,8 +211,7 @@ def test_manifest_from_another_feature_library_version_refused(base, cfg, tmp_pa
 
 def test_data_dir_run_has_no_oracle(tmp_path):
     "Bars from files: the same phase, no oracle (so no oracle bar and no `oracle` key), a user column among the features."
-    from conftest import random_bars
-    bars = random_bars(n_symbols=3, n_bars=3000, seed=5, extra_columns=1)
+    bars = realistic_bars(n_symbols=3, n_bars=3000, seed=5, extra_columns=1)
     bars.to_csv(tmp_path/'bars.csv', index=False)
     c = load_config('configs/quick.yaml', {'phase1': {'n_features': 12, 'vae': {'epochs': 2}},
                                            'features': {'families': ['rvol', 'ret', 'roc', 'vma'], 'user_columns': ['user_0']}})

@@ -30,7 +30,8 @@ import pytest
 import pipeline_lib.driver.runner as runner
 from pipeline_lib.core.artifacts import ArtifactError, ArtifactWarning, ArtifactWriter, verify_manifest
 from pipeline_lib.core.config import load_config, load_settings
-from test_data import _bad_cases, make_bars
+from synthetic import walk_bars
+from test_data import _bad_cases
 from test_runner import DRIVER, FAST_S, make_root
 
 REPO = load_settings()['root']
@@ -313,7 +314,7 @@ def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp
 
 
 # ----------------------------------------------------------------------------- bad input, end to end
-BAD = _bad_cases(make_bars())
+BAD = _bad_cases(walk_bars())
 
 
 @pytest.fixture(scope='module')
@@ -371,7 +372,8 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
     rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml')  # the embedded market: 4 x 10 x 390 rows
     assert rc == runner.EXIT_BAD_INPUT and '15,600 rows' in err and '64 MiB is available' in err and 'rows would fit' in err, err
     # a file: estimated from its size, refused before load_bars reads it
-    bars, _ = make_market_bars()
+    from pipeline_lib.data.market import make_market
+    bars, _ = make_market(n_symbols=2, n_days=2, seed=1)
     bars.to_parquet(tmp_path/'big.parquet')
     import pipeline_lib.data.load
     monkeypatch.setattr(pipeline_lib.data.load, 'load_bars', lambda *a, **k: pytest.fail('the data was read'))
@@ -383,11 +385,6 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
     assert runner.memory_check(15_600, load_config(QUICK), 421, 'x', available=2**40) is None
     need = runner.estimate_bytes(15_600, 421, 5, 61)
     assert 'more than half' in runner.memory_check(15_600, load_config(QUICK), 421, 'x', available=int(need*1.5))
-
-
-def make_market_bars():
-    from pipeline_lib.data.market import make_market
-    return make_market(n_symbols=2, n_days=2, seed=1)
 
 
 def test_data_size_options_are_validated_and_counted():

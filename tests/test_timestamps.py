@@ -7,20 +7,14 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data.load import DataError, describe_load, load_bars, load_options, load_summary
+from synthetic import walk_bars
 
 SYMBOLS = ('AAA', 'BBB', 'CCC')
 
 
 def write_bars(path, stamps, symbols=SYMBOLS, **extra):
     "A CSV whose timestamp column holds `stamps` (the same list for every symbol), with valid OHLCV; returns `path`."
-    rng = np.random.default_rng(0)
-    n, frames = len(stamps), []
-    for sym in symbols:
-        c = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
-        o = np.r_[100.0, c[:-1]]
-        frames.append(pd.DataFrame({'symbol': sym, 'timestamp': list(stamps), 'open': o, 'high': np.maximum(o, c) * 1.001,
-                                    'low': np.minimum(o, c) * 0.999, 'close': c, 'volume': 100.0, **extra}))
-    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    walk_bars(symbols, timestamps=stamps).assign(**extra).to_csv(path, index=False)
     return path
 
 
