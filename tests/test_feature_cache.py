@@ -75,6 +75,7 @@ def _other_config():
     return other
 
 
+@pytest.mark.slow
 def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypatch):
     real, calls = F.build_features, []
     def counting(b, config=None):

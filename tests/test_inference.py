@@ -52,6 +52,7 @@ def full(trained, run):
     return run.predict(trained[3])
 
 
+@pytest.mark.e2e
 def test_reproduces_the_runs_predictions_parquet(trained, run, full):
     R = pd.read_parquet(trained[2]/'predictions.parquet').set_index(['symbol', 'timestamp'])
     pred_cols = [c for c in R.columns if '__' in c and not c.startswith('oracle')]
@@ -69,6 +70,7 @@ def test_reproduces_the_runs_predictions_parquet(trained, run, full):
         assert diff <= 1e-6, (c, diff)
 
 
+@pytest.mark.e2e
 def test_short_history_rows_are_nan_and_counted(trained, run, full):
     bars = trained[3]
     n_sym = bars['symbol'].nunique()
@@ -82,6 +84,7 @@ def test_short_history_rows_are_nan_and_counted(trained, run, full):
     assert 0 < len(used) < len(fit.features) and set(used) <= set(fit.features)
 
 
+@pytest.mark.e2e
 def test_prefix_gives_the_same_values(trained, run, full):
     bars = trained[3]
     cut = bars['timestamp'].quantile(0.85)      # past the baseline's warm-up too
@@ -94,6 +97,7 @@ def test_prefix_gives_the_same_values(trained, run, full):
         assert np.nanmax(np.abs(a - b)) <= 1e-12, c
 
 
+@pytest.mark.e2e
 def test_late_start_matches_the_full_history(trained, run, full):
     bars = trained[3]
     days = bars['timestamp'].dt.normalize()
@@ -109,6 +113,7 @@ def test_late_start_matches_the_full_history(trained, run, full):
             assert diff <= 1e-5, (c, diff)
 
 
+@pytest.mark.e2e
 def test_last_only_equals_the_full_history_on_the_latest_bar(trained, run, full):
     bars = trained[3]
     P = run.predict(bars, last_only=True)
@@ -120,6 +125,7 @@ def test_last_only_equals_the_full_history_on_the_latest_bar(trained, run, full)
     assert max(run.short_history_.values()) == 0
 
 
+@pytest.mark.e2e
 def test_models_and_targets_select_columns(trained, run):
     bars = trained[3]
     P = run.predict(bars, models=['ensemble'], last_only=True)
@@ -132,6 +138,7 @@ def test_models_and_targets_select_columns(trained, run):
         run.predict(bars, models=['lightgbm'], targets=['mdd'])
 
 
+@pytest.mark.e2e
 def test_bad_bars_are_refused_clearly(trained, run):
     bars = trained[3]
     with pytest.raises(DataError, match="volume"):
@@ -150,6 +157,7 @@ def _copy_run(trained, dest: Path) -> Path:
     return dest/'reports'/'c'
 
 
+@pytest.mark.e2e
 def test_replaced_or_modified_artifacts_are_refused(trained, tmp_path):
     rep = _copy_run(trained, tmp_path)
     load_run(rep)                                                  # the copy itself is fine
@@ -167,6 +175,7 @@ def test_replaced_or_modified_artifacts_are_refused(trained, tmp_path):
         load_run(rep)
 
 
+@pytest.mark.e2e
 def test_other_library_version_and_edited_config_are_refused(trained, tmp_path):
     rep = _copy_run(trained, tmp_path)
     md = tmp_path/'art'/'metadata'
@@ -184,6 +193,7 @@ def test_other_library_version_and_edited_config_are_refused(trained, tmp_path):
         load_run('no-such-run', tmp_path/'reports')
 
 
+@pytest.mark.e2e
 def test_cli_last_only(trained, tmp_path, capsys):
     bars = trained[3]
     data = tmp_path/'bars.parquet'
@@ -198,6 +208,7 @@ def test_cli_last_only(trained, tmp_path, capsys):
     assert 'No run' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_as_a_module(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'pipeline_lib.inference', '--run', 'nope', '--reports-dir', str(tmp_path),
                         '--data-dir', str(tmp_path/'missing.csv'), '--out', str(tmp_path/'p.parquet')],

@@ -33,6 +33,8 @@ OVERRIDES = {'phase2': {'models': ['lightgbm']}}
 PHASE3 = {'models': ['cnn1d'], 'lookback': 8, 'max_epochs': 1, 'max_train_windows': 512, 'max_valid_windows': 256,
           'max_train_predictions': 500, 'device': 'cpu', 'predict_precision': 'bfloat16'}
 
+pytestmark = pytest.mark.e2e  # every test reads a run of the quick config
+
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):

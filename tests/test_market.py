@@ -269,6 +269,7 @@ def test_oracle_formula_is_exact_when_the_hidden_state_is_frozen():
         assert np.allclose(causal_oracle(bars, state, horizon=h, params=frozen)[rows], mc, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_oracle_matches_monte_carlo_when_the_hidden_state_moves_fast():
     # a fast regime chain and volatility state make the closed-form expectations (P^j, log-normal) matter
     fast = dict(transition=((0.8, 0.15, 0.05), (0.1, 0.8, 0.1), (0.05, 0.15, 0.8)), vol_phi=0.7, vol_sd=0.6)

@@ -155,6 +155,7 @@ def test_json_safe():
 
 # ---------------------------------------------------------------- standard errors against a simulation
 
+@pytest.mark.slow
 def test_day_block_se_matches_the_spread_across_replicates():
     # Null panels: 1-minute iid returns with a market factor, target = 5-bar forward sum (overlapping rows),
     # prediction = independent persistent noise with a common component. True IC = 0.

@@ -134,6 +134,7 @@ def twice(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_same_config_and_seed_give_the_same_result(twice):
     a, b = twice
     assert a['p1'].data.fingerprint == b['p1'].data.fingerprint  # the embedded market itself is reproducible
@@ -161,6 +162,7 @@ def test_same_config_and_seed_give_the_same_result(twice):
 
 
 # ------------------------------------------------------------------------------ interruption: no orphans
+@pytest.mark.e2e
 def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twice, tmp_path):
     root = make_root(tmp_path/'root')
     shutil.copytree(twice[0]['root']/'metadata', root/'metadata')  # the previous complete Phase 1 artifacts
@@ -185,6 +187,7 @@ def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twi
     assert rc == 0 and 'killed' in out, out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGKILL], ids=['SIGINT', 'SIGKILL'])
 def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tmp_path, sig):
     """A phase stopped while its ArtifactWriter is staging (its kernel also runs a child process): the kernel and
@@ -249,6 +252,7 @@ def no_unpickling(monkeypatch):
     monkeypatch.setattr(joblib, 'load', boom)
 
 
+@pytest.mark.e2e
 def test_modified_artifact_is_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     gmm = next(p for p in (meta_copy/'metadata').iterdir() if 'gmm' in p.name)
@@ -259,6 +263,7 @@ def test_modified_artifact_is_refused(meta_copy, no_unpickling):
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(load_config(QUICK)))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--set', 'features.exclude=[rsi]', '--phases', '2', '--dry-run')
@@ -268,6 +273,7 @@ def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpicklin
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(other))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatch):
     "Another pipeline_lib version: a warning (the hashes and config still match, so they are usable), or a refusal on request."
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
@@ -287,6 +293,7 @@ def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatc
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(cfg), on_version='error')
 
 
+@pytest.mark.e2e
 def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp_path):
     "Same path, other rows: the runner's reuse check compares data fingerprints; FeatureTransformer.load with expect too."
     from pipeline_lib.features.store import data_fingerprint
@@ -338,6 +345,7 @@ def test_malformed_data_is_refused_by_the_driver(bad_root, tmp_path, case):
     assert written(bad_root) == []
 
 
+@pytest.mark.slow
 def test_malformed_data_through_run_notebooks_py(tmp_path):
     "The real entry point: exit status 2 within seconds, the problem named, nothing written."
     root = make_root(tmp_path/'root')

@@ -82,6 +82,7 @@ def quick(tmp_path_factory):
     return {'root': root, 'run': root/'reports'/'quick', 'proc': p, 'seconds': secs}
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_the_promised_reports(quick):
     run = quick['run']
     cfg = yaml.safe_load((run/'config.yaml').read_text())
@@ -117,6 +118,7 @@ def visible_text(html: str) -> str:
     return _html.unescape(re.sub(r'<[^>]+>', '', body))
 
 
+@pytest.mark.e2e
 def test_report_html_is_self_contained_and_hides_plumbing(quick):
     html = next(quick['run'].glob('phase1_*.html')).read_text()
     text = visible_text(html)
@@ -130,6 +132,7 @@ def test_report_html_is_self_contained_and_hides_plumbing(quick):
     assert first.split('#')[0].strip() not in text  # the parameters cell's input is hidden
 
 
+@pytest.mark.e2e
 def test_phase1_report_has_shap_regime_and_overfitting_figures(quick):
     html = next(quick['run'].glob('phase1_*.html')).read_text()
     assert html.count('data:image/png;base64') >= 3
@@ -137,6 +140,7 @@ def test_phase1_report_has_shap_regime_and_overfitting_figures(quick):
         assert re.search(word, html, re.I), f'no {word!r} in the Phase 1 report'
 
 
+@pytest.mark.e2e
 def test_phase2_alone_reuses_verified_phase1_artifacts_of_the_same_config(quick):
     p, secs = drive(quick['root'], '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run', '--nbs-dir', REPO/'nbs')
     assert p.returncode == 0 and 'phase 2:' in p.stdout, p.stderr  # the quick run's metadata/ verifies and matches
@@ -145,6 +149,7 @@ def test_phase2_alone_reuses_verified_phase1_artifacts_of_the_same_config(quick)
     assert p.returncode == 2 and secs < FAST_S and 'phase1.n_features' in p.stderr and '--phases 1 2' in p.stderr
 
 
+@pytest.mark.e2e
 def test_predictions_parquet_matches_the_contract(quick):
     df = pd.read_parquet(quick['run']/'predictions.parquet')
     assert {'symbol', 'timestamp', 'split'} <= set(df.columns)
@@ -159,6 +164,7 @@ def test_predictions_parquet_matches_the_contract(quick):
 
 
 # ---------------------------------------------------------------------------------------------------- runs of a grid
+@pytest.mark.e2e
 def test_grid_makes_separate_runs_and_one_index(tmp_path):
     root, nbs = make_root(tmp_path/'root'), demo_nbs(tmp_path/'nbs')
     p, _ = drive(root, '--config', 'configs/quick.yaml', '--phases', '1', '--run-name', 'g',
@@ -188,6 +194,7 @@ def test_bad_set_key_fails_fast_with_nearest_key(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_wrong_type_and_range_fail_fast(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--set', 'phase1.n_features=ten', '--set', 'split.train=1.5', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -196,6 +203,7 @@ def test_wrong_type_and_range_fail_fast(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_missing_data_dir_fails_fast(tmp_path):
     root = make_root(tmp_path/'root')
     missing = tmp_path/'no_such_bars'
@@ -205,6 +213,7 @@ def test_missing_data_dir_fails_fast(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_unreadable_data_fails_fast_with_load_bars_message(tmp_path):
     root = make_root(tmp_path/'root')
     bad = tmp_path/'bars'; bad.mkdir()
@@ -215,6 +224,7 @@ def test_unreadable_data_fails_fast_with_load_bars_message(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_daily_data_needs_a_daily_target(tmp_path):
     root = make_root(tmp_path/'root')
     bars = realistic_bars(n_symbols=2, n_bars=150, interval='1D', bars_per_day=1, missing=0.0)
@@ -228,6 +238,7 @@ def test_daily_data_needs_a_daily_target(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_phase2_without_phase1_artifacts_stops_with_a_clear_message(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--phases', '2', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -236,6 +247,7 @@ def test_phase2_without_phase1_artifacts_stops_with_a_clear_message(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_notebook_without_parameters_tag_is_refused(tmp_path):
     root = make_root(tmp_path/'root')
     nbs = tmp_path/'nbs'
@@ -255,6 +267,7 @@ def test_notebook_missing_an_injected_parameter_is_refused(tmp_path):
         check_notebook(ph, ('config_path', 'run_name'))
 
 
+@pytest.mark.slow
 def test_dry_run_checks_and_writes_nothing(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--config', 'configs/quick.yaml', '--grid', 'phase1.n_features=5,8', '--run-name', 'd',
@@ -266,6 +279,7 @@ def test_dry_run_checks_and_writes_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- a failing phase
+@pytest.mark.e2e
 def test_failing_phase_stops_its_dependents_and_is_rendered(tmp_path):
     root = make_root(tmp_path/'root')
     nbs = demo_nbs(tmp_path/'nbs', body1="raise ValueError('boom in phase one')")
@@ -349,6 +363,7 @@ def test_report_problems_catches_contract_breaks(tmp_path):
     assert "split labels ['oops']" in probs and 'duplicate' in probs and 'no realised target column fwd_ret_5m' in probs
 
 
+@pytest.mark.e2e
 def test_readme_checklist_commands_work_on_a_run(quick, tmp_path):
     "Every command of the README's verification checklist runs, as written, in a run's root and says what it promises."
     text = (REPO/'README.md').read_text()

@@ -156,6 +156,7 @@ def test_extra_columns_are_read_only_when_listed(tmp_path):
 
 # ---- the driver reads the files with the config's settings, before any kernel starts ------------------------------
 
+@pytest.mark.slow
 def test_driver_refuses_an_ambiguous_file_fast_and_accepts_it_with_dayfirst(tmp_path):
     from test_runner import FAST_S, assert_no_kernel, demo_nbs, drive, make_root
     root = make_root(tmp_path/'root')
