@@ -211,6 +211,7 @@ def test_every_feature_ignores_the_future(bars, full):
     assert not found, _report(found)
 
 
+@pytest.mark.slow
 def test_every_declared_warmup_is_honest(long_data):
     bars, full = long_data
     found, counted = warmup_violations(bars, full, None, _starts(bars))

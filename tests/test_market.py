@@ -88,6 +88,7 @@ def test_bars_are_canonical_and_valid(market):
     assert (bars['low'] < bars[['open', 'close']].min(axis=1)).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_strength_zero_plants_nothing_with_the_same_shocks(market, zero):
     bars, oracle, state = market
     zbars, zoracle, zstate = zero

@@ -186,6 +186,7 @@ def test_grid_makes_separate_runs_and_one_index(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- failing fast on input
+@pytest.mark.slow
 def test_bad_set_key_fails_fast_with_nearest_key(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--set', 'phase1.n_featurs=30', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
