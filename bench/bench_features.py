@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / 'tests'))  # the synthetic bars live in tests/synt
 from synthetic import realistic_bars  # noqa: E402
 
 from pipeline_lib.features import store as fc  # noqa: E402
-from pipeline_lib.features import library as F  # noqa: E402
+from pipeline_lib import features as F  # noqa: E402
 from pipeline_lib.core.config import scratch_root  # noqa: E402
 
 BUDGET_S, BUDGET_MEM_X = 30.0, 3.0

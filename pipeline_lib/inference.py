@@ -22,7 +22,7 @@ from .core.artifacts import (ArtifactError, ArtifactVersionError, ArtifactWarnin
                                     manifest_sha256, merge_json_atomic, read_json, sha256_file, verify_manifest)
 from .core.config import PipelineError, config_hash, load_settings, read_yaml, repo_root
 from .data.load import BAR_COLUMNS, DataError, infer_interval, load_bars, load_options
-from .features.library import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
+from .features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
                                    normalise_feature_config, user_column_name)
 
 log = logging.getLogger(__name__)

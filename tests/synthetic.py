@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline_lib.data.market import make_market
-from pipeline_lib.features.library import random_bars as full_session_bars  # the library's own demo generator
+from pipeline_lib.features import random_bars as full_session_bars  # the library's own demo generator
 
 BAR_COLUMNS = ['symbol', 'timestamp', 'open', 'high', 'low', 'close', 'volume']
 

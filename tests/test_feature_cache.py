@@ -12,7 +12,7 @@ import pytest
 
 from synthetic import realistic_bars
 from pipeline_lib.features import store as fc
-from pipeline_lib.features import library as F
+from pipeline_lib import features as F
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data.load import DataError, session_ids
-from pipeline_lib.features.library import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
+from pipeline_lib.features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
                                    FeatureFamily, build_features, ewm_warmup, feature_names, feature_warmup,
                                    normalise_feature_config, register_family, unregister_family)
 from synthetic import full_session_bars

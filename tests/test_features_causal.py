@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.features import library as F
+from pipeline_lib import features as F
 from synthetic import check_valid_bars, randomise_after, realistic_bars
 
 N_SYMBOLS, N_BARS = 4, 1500

@@ -21,7 +21,7 @@ import pytest
 import pipeline_lib.models.sequence as sequence
 from pipeline_lib.core.artifacts import ArtifactError, merge_json_atomic, read_json, read_manifest, sha256_file
 from pipeline_lib.core.config import load_config
-from pipeline_lib.features.library import build_features
+from pipeline_lib.features import build_features
 from pipeline_lib.inference import (InferenceError, InferenceWarning, check_bars, cross_sectional_columns, load_run, main,
                                     register_run, subset_config)
 from pipeline_lib.phases.phase1 import run_phase1

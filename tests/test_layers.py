@@ -74,9 +74,9 @@ def test_public_api_imports_from_the_layer_packages():
     from pipeline_lib.features import build_features
     from pipeline_lib.inference import load_run
     from pipeline_lib.phases import FeatureTransformer
-    import pipeline_lib.data.load, pipeline_lib.data.market, pipeline_lib.data.targets, pipeline_lib.features.library
+    import pipeline_lib.data.load, pipeline_lib.data.market, pipeline_lib.data.targets, pipeline_lib.features.build
     import pipeline_lib.phases.phase1, pipeline_lib.targets
     assert load_bars is pipeline_lib.data.load.load_bars and make_market is pipeline_lib.data.market.make_market
     assert build_targets is pipeline_lib.data.targets.build_targets is pipeline_lib.targets.build_targets
-    assert build_features is pipeline_lib.features.library.build_features
+    assert build_features is pipeline_lib.features.build.build_features
     assert FeatureTransformer is pipeline_lib.phases.phase1.FeatureTransformer and callable(load_run)

@@ -9,7 +9,7 @@ from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import infer_interval, session_ids
 from pipeline_lib.data.market import (ORACLE_SOURCES, REGIMES, MarketParams, causal_oracle, drift_inputs, drift_sum,
                                  make_market, mc_oracle, oracle_sources, stationary)
-from pipeline_lib.features.library import build_features, feature_names
+from pipeline_lib.features import build_features, feature_names
 from synthetic import check_valid_bars, randomise_after
 
 P = MarketParams()

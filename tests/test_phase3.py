@@ -16,7 +16,7 @@ from pipeline_lib.core.config import PipelineError, load_config
 from pipeline_lib.evaluation.metrics import METRIC_KEYS
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import prediction_frame
-from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_settings, run_phase3,
+from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_options, run_phase3,
                                  transform_array)
 from pipeline_lib.driver.runner import DependencyError
 
@@ -56,7 +56,7 @@ def test_null_market_every_model_is_within_4_standard_errors_of_zero(run):
 @pytest.mark.e2e
 def test_windows_stay_in_their_symbol_and_split_and_end_at_their_row(run):
     _, _, res = run
-    rd, L = res.data, res.settings['lookback']
+    rd, L = res.data, res.opts['lookback']
     lab, sym = rd.split.to_numpy().astype(str), rd.bars['symbol'].to_numpy()
     P = res.predictions
     pos = np.flatnonzero(lab != 'gap')                     # P's rows are the run's non-gap rows, in order
@@ -78,7 +78,7 @@ def test_windows_stay_in_their_symbol_and_split_and_end_at_their_row(run):
 def test_a_prediction_is_made_at_its_windows_last_row(run):
     "Changing row k's features changes the predictions of rows k .. k+L-1 (the windows holding it), and no other."
     _, root, res = run
-    L = res.settings['lookback']
+    L = res.opts['lookback']
     back = load_sequence_models(root/'output'/'sequential_models')
     sym = res.data.bars['symbol'].to_numpy()
     a = int(np.flatnonzero(sym == sym[0])[0])
@@ -159,7 +159,7 @@ def test_artifacts_round_trip_with_weights_only(run):
         state = torch.load(d/f'{m}.pt', weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
     back = load_sequence_models(d, {'data_fingerprint': res.data.fingerprint, 'primary_target': T})
-    rd, L = res.data, res.settings['lookback']
+    rd, L = res.data, res.opts['lookback']
     sym = rd.bars['symbol'].to_numpy()
     r = np.flatnonzero((rd.split.to_numpy() == 'test') & (sym == sym[-1]))[:400]
     a = r[0] - L + 1
@@ -193,10 +193,10 @@ def test_missing_phase1_is_refused_before_any_work(run, tmp_path):
 
 def test_lookback_longer_than_the_splits_gaps_is_refused():
     with pytest.raises(PipelineError, match='split.max_lookback'):
-        phase3_settings(load_config('configs/quick.yaml', {'phase3': {'lookback': 40}}))
+        phase3_options(load_config('configs/quick.yaml', {'phase3': {'lookback': 40}}))
     with pytest.raises(PipelineError, match='Unknown model'):
-        phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': ['gru']}}))
-    s = phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': {'cnn1d': {'channels': 8}}}}))
+        phase3_options(load_config('configs/quick.yaml', {'phase3': {'models': ['gru']}}))
+    s = phase3_options(load_config('configs/quick.yaml', {'phase3': {'models': {'cnn1d': {'channels': 8}}}}))
     assert s['models'] == {'cnn1d': {'channels': 8}}
 
 

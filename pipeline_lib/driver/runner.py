@@ -773,7 +773,7 @@ def plan_runs(opts: Options, root=None) -> Plan:
 def _feature_count(cfg: dict) -> int | None:
     "How many feature columns `cfg`'s feature config builds (its listed user columns included); None if it cannot say."
     try:
-        from pipeline_lib.features.library import feature_names
+        from pipeline_lib.features import feature_names
         return len(feature_names(cfg.get('features')))
     except PipelineError as e:
         raise ConfigError(f'The feature config is invalid: {e}') from None
