@@ -33,7 +33,8 @@ from pipeline_lib.driver.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
 from pipeline_lib.driver.index import collect_runs
 from pipeline_lib.core.artifacts import ArtifactError, ArtifactWarning, ArtifactWriter, verify_manifest
 from pipeline_lib.core.config import load_config, load_settings
-from test_data import _bad_cases, make_bars
+from synthetic import walk_bars
+from test_data import _bad_cases
 from test_runner import DRIVER, FAST_S, make_root
 
 REPO = load_settings()['root']
@@ -136,6 +137,7 @@ def twice(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_same_config_and_seed_give_the_same_result(twice):
     a, b = twice
     assert a['p1'].data.fingerprint == b['p1'].data.fingerprint  # the embedded market itself is reproducible
@@ -163,6 +165,7 @@ def test_same_config_and_seed_give_the_same_result(twice):
 
 
 # ------------------------------------------------------------------------------ interruption: no orphans
+@pytest.mark.e2e
 def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twice, tmp_path):
     root = make_root(tmp_path/'root')
     shutil.copytree(twice[0]['root']/'metadata', root/'metadata')  # the previous complete Phase 1 artifacts
@@ -187,6 +190,7 @@ def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twi
     assert rc == 0 and 'killed' in out, out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGKILL], ids=['SIGINT', 'SIGKILL'])
 def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tmp_path, sig):
     """A phase stopped while its ArtifactWriter is staging (its kernel also runs a child process): the kernel and
@@ -251,6 +255,7 @@ def no_unpickling(monkeypatch):
     monkeypatch.setattr(joblib, 'load', boom)
 
 
+@pytest.mark.e2e
 def test_modified_artifact_is_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     gmm = next(p for p in (meta_copy/'metadata').iterdir() if 'gmm' in p.name)
@@ -261,6 +266,7 @@ def test_modified_artifact_is_refused(meta_copy, no_unpickling):
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(load_config(QUICK)))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--set', 'features.exclude=[rsi]', '--phases', '2', '--dry-run')
@@ -270,6 +276,7 @@ def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpicklin
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(other))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatch):
     "Another pipeline_lib version: a warning (the hashes and config still match, so they are usable), or a refusal on request."
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
@@ -289,6 +296,7 @@ def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatc
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(cfg), on_version='error')
 
 
+@pytest.mark.e2e
 def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp_path):
     "Same path, other rows: the driver's reuse check compares data fingerprints; FeatureTransformer.load with expect too."
     from pipeline_lib.features.store import data_fingerprint
@@ -316,7 +324,7 @@ def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp
 
 
 # ----------------------------------------------------------------------------- bad input, end to end
-BAD = _bad_cases(make_bars())
+BAD = _bad_cases(walk_bars())
 
 
 @pytest.fixture(scope='module')
@@ -340,6 +348,7 @@ def test_malformed_data_is_refused_by_the_driver(bad_root, tmp_path, case):
     assert written(bad_root) == []
 
 
+@pytest.mark.slow
 def test_malformed_data_through_run_notebooks_py(tmp_path):
     "The real entry point: exit status 2 within seconds, the problem named, nothing written."
     root = make_root(tmp_path/'root')
@@ -374,7 +383,8 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
     rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml')  # the embedded market: 4 x 10 x 390 rows
     assert rc == EXIT_BAD_INPUT and '15,600 rows' in err and '64 MiB is available' in err and 'rows would fit' in err, err
     # a file: estimated from its size, refused before load_bars reads it
-    bars, _ = make_market_bars()
+    from pipeline_lib.data.market import make_market
+    bars, _ = make_market(n_symbols=2, n_days=2, seed=1)
     bars.to_parquet(tmp_path/'big.parquet')
     import pipeline_lib.data.load
     monkeypatch.setattr(pipeline_lib.data.load, 'load_bars', lambda *a, **k: pytest.fail('the data was read'))
@@ -386,11 +396,6 @@ def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypa
     assert preflight.memory_check(15_600, load_config(QUICK), 421, 'x', available=2**40) is None
     need = preflight.estimate_bytes(15_600, 421, 5, 61)
     assert 'more than half' in preflight.memory_check(15_600, load_config(QUICK), 421, 'x', available=int(need*1.5))
-
-
-def make_market_bars():
-    from pipeline_lib.data.market import make_market
-    return make_market(n_symbols=2, n_days=2, seed=1)
 
 
 def test_data_size_options_are_validated_and_counted():
