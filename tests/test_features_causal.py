@@ -28,7 +28,7 @@ N_SYMBOLS, N_BARS = 4, 1500
 # A cell passes when |got - expected| <= RTOL * |expected|  or  <= ATOL_STD * (the column's std over the full data).
 # Causal values should be bit-identical whatever comes later; the slack only forgives summation-order noise.
 CAUSAL_RTOL, CAUSAL_ATOL_STD = 1e-6, 1e-7
-# The warm-up promise (DESIGN/201_features.library: "no longer matters to 1e-6 relative"): relative to the value, or to the
+# The warm-up promise (DESIGN and nbs/201_features.registry: "no longer matters to 1e-6 relative"): relative to the value, or to the
 # column's spread for values near zero (a feature crossing zero cannot be 1e-6-relative to itself).
 WARMUP_RTOL, WARMUP_ATOL_STD = 1e-6, 1e-6
 
