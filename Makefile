@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install install-dev run test sync-check lab chromium
+.PHONY: install install-dev run test test-fast sync-check lab chromium
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ run: install
 test: install-dev
 	$(BIN)/python -m pytest tests -q
 	$(BIN)/nbdev-test --n-workers 0
+
+# The inner loop: unit and property tests only, under 2 minutes on 2 cores (markers in pyproject.toml).
+test-fast: install-dev
+	$(BIN)/python -m pytest tests -q -m "not slow and not e2e and not browser"
 
 # Notebooks are the source of truth: cleaning and exporting them must leave git status unchanged.
 sync-check: install-dev

@@ -5,7 +5,8 @@
     python run_notebooks.py --help     # flags
     python run_notebooks.py --list     # phases, configs, past runs
 
-The logic lives in `pipeline_lib.driver.runner` (notebook nbs/601_driver.runner.ipynb); this file is only the entry point.
+The logic lives in `pipeline_lib.driver` (notebooks nbs/600_driver.ipynb to nbs/611_driver.cli.ipynb; `main` is in
+`pipeline_lib.driver.cli`); this file is only the entry point.
 """
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 def _main() -> int:
     try:
-        from pipeline_lib.driver.runner import main
+        from pipeline_lib.driver.cli import main
     except ImportError as e:
         # Started with a Python that lacks the project (e.g. the system python): use the repo's venv if there is one.
         venv = Path(__file__).resolve().parent/'.venv'

@@ -24,12 +24,12 @@ import tracemalloc
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'tests'))  # random_bars lives in tests/conftest.py
+sys.path.insert(0, str(ROOT / 'tests'))  # the synthetic bars live in tests/synthetic.py
 
-from conftest import random_bars  # noqa: E402
+from synthetic import realistic_bars  # noqa: E402
 
 from pipeline_lib.features import store as fc  # noqa: E402
-from pipeline_lib.features import library as F  # noqa: E402
+from pipeline_lib import features as F  # noqa: E402
 from pipeline_lib.core.config import scratch_root  # noqa: E402
 
 BUDGET_S, BUDGET_MEM_X = 30.0, 3.0
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     per_symbol = a.rows // a.symbols
 
     t = time.perf_counter()
-    bars = random_bars(a.symbols, per_symbol, seed=a.seed)
+    bars = realistic_bars(a.symbols, per_symbol, seed=a.seed)
     gen_s = time.perf_counter() - t
     print(f'bars: {len(bars):,} rows, {a.symbols} symbols x {per_symbol:,} one-minute bars '
           f'({bars["timestamp"].dt.normalize().nunique()} days), generated in {gen_s:.1f} s', flush=True)

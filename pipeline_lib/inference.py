@@ -22,7 +22,7 @@ from .core.artifacts import (ArtifactError, ArtifactVersionError, ArtifactWarnin
                                     manifest_sha256, merge_json_atomic, read_json, sha256_file, verify_manifest)
 from .core.config import PipelineError, config_hash, load_settings, read_yaml, repo_root
 from .data.load import BAR_COLUMNS, DataError, infer_interval, load_bars, load_options
-from .features.library import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
+from .features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, build_features, feature_warmup,
                                    normalise_feature_config, user_column_name)
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def find_run(run, reports_base=None) -> Path:
 def register_run(reports_dir, cfg: dict, artifact_root, *, name: str | None = None, metadata_dir=None,
                  output_dir=None, data='embedded') -> dict:
     """Write `config.yaml` and the `run` record of `metrics.json` in `reports_dir` for artifacts made by calling the
-    phase functions directly, as `run_notebooks.py` does after a run (the manifest hashes via `runner.artifact_hashes`)."""
-    from pipeline_lib.driver.runner import artifact_hashes
+    phase functions directly, as `run_notebooks.py` does after a run (the manifest hashes via `driver.provenance.artifact_hashes`)."""
+    from pipeline_lib.driver.provenance import artifact_hashes
     d, root = Path(reports_dir), Path(artifact_root).resolve()
     d.mkdir(parents=True, exist_ok=True)
     run = SimpleNamespace(artifact_root=root, metadata_dir=Path(metadata_dir or root/'metadata').resolve(),

@@ -194,6 +194,7 @@ _MERGER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_concurrent_merges_lose_no_key(tmp_path):
     path = tmp_path/'reports'/'metrics.json'
     merge_json_atomic(path, 'run', {'name': 'r'})

@@ -94,6 +94,7 @@ def test_censored_tth_is_a_one_sided_penalty():
     assert math.isclose(float(censored_mse(p, t, c)), (0 + 100 + 4 + 9) / 4, rel_tol=1e-6)
 
 
+@pytest.mark.slow
 def test_multitask_fits_with_nan_targets_and_round_trips_a_pickle():
     X, y, _ = _panel(3000)
     rng = np.random.default_rng(1)

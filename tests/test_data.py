@@ -6,22 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data.load import MIN_ROWS, DataError, DataWarning, infer_interval, load_bars
-
-
-def make_bars(symbols=('AAA', 'BBB'), n=120, freq='1min', start='2024-01-02 09:30', seed=0):
-    "Valid canonical bars: per symbol a random walk with consistent OHLC and integer volumes."
-    rng = np.random.default_rng(seed)
-    out = []
-    for sym in symbols:
-        c = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
-        o = np.r_[100.0, c[:-1]]
-        h = np.maximum(o, c) * (1 + rng.uniform(1e-5, 1e-3, n))
-        l = np.minimum(o, c) * (1 - rng.uniform(1e-5, 1e-3, n))
-        out.append(pd.DataFrame({'symbol': sym, 'timestamp': pd.date_range(start, periods=n, freq=freq),
-                                 'open': o, 'high': h, 'low': l, 'close': c,
-                                 'volume': rng.integers(0, 1000, n).astype(float)}))
-    b = pd.concat(out, ignore_index=True)
-    return b.assign(symbol=b['symbol'].astype('str'), timestamp=b['timestamp'].astype('datetime64[ns]'))
+from synthetic import walk_bars
 
 
 def same(got, want):
@@ -30,7 +15,7 @@ def same(got, want):
 
 @pytest.fixture(scope='module')
 def bars():
-    return make_bars()
+    return walk_bars()
 
 
 def listing(d):
@@ -130,7 +115,7 @@ def test_inf_in_user_feature_becomes_nan_with_warning(tmp_path, bars):
 
 
 def test_daily_data_works(tmp_path):
-    daily = make_bars(n=150, freq='B', start='2023-01-02')
+    daily = walk_bars(n=150, freq='B', start='2023-01-02')
     daily.to_csv(tmp_path/'daily.csv', index=False)
     got = load_bars(tmp_path/'daily.csv')
     same(got, daily)
@@ -169,7 +154,7 @@ def test_tolerance_clips_rounding_and_rejects_more(tmp_path, bars):
 
 
 def test_min_rows(tmp_path):
-    short = make_bars(n=50)
+    short = walk_bars(n=50)
     short.to_csv(tmp_path/'short.csv', index=False)
     assert len(load_bars(tmp_path/'short.csv', min_rows=50)) == 100
     with pytest.raises(DataError, match=f'50 rows, fewer than min_rows={MIN_ROWS}') as e:
@@ -178,7 +163,7 @@ def test_min_rows(tmp_path):
 
 
 def test_different_intervals_rejected(tmp_path):
-    mixed = pd.concat([make_bars(('AAA',)), make_bars(('BBB',), freq='5min')], ignore_index=True)
+    mixed = pd.concat([walk_bars(('AAA',)), walk_bars(('BBB',), freq='5min')], ignore_index=True)
     mixed.to_csv(tmp_path/'mixed.csv', index=False)
     with pytest.raises(DataError, match='different bar intervals') as e:
         load_bars(tmp_path/'mixed.csv')
@@ -284,13 +269,13 @@ def _bad_cases(bars):
         'listed user column missing in one file': (two_files, dict(msg="User column 'spread' (listed in features.user_columns) "
                                                                    'is not in this file', file='BBB.csv', column='spread',
                                                                    kw=dict(user_columns=['spread']))),
-        'too few rows': (csv_with(None, frame=make_bars(n=40)), dict(msg='40 rows, fewer than min_rows', symbol='AAA')),
-        'different intervals': (csv_with(None, frame=pd.concat([make_bars(('AAA',)), make_bars(('BBB',), freq='2min')], ignore_index=True)),
+        'too few rows': (csv_with(None, frame=walk_bars(n=40)), dict(msg='40 rows, fewer than min_rows', symbol='AAA')),
+        'different intervals': (csv_with(None, frame=pd.concat([walk_bars(('AAA',)), walk_bars(('BBB',), freq='2min')], ignore_index=True)),
                                 dict(msg='different bar intervals', file='bad.csv')),
     }
 
 
-@pytest.mark.parametrize('case', list(_bad_cases(make_bars())))
+@pytest.mark.parametrize('case', list(_bad_cases(walk_bars())))
 def test_bad_input_raises_data_error_naming_where(tmp_path, bars, case):
     write, want = _bad_cases(bars)[case]
     path = write(tmp_path)

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline_lib.models.tabular import day_blocks, fit_ensemble, simplex_weights
 from pipeline_lib.evaluation.metrics import evaluate
-from pipeline_lib.phases.phase2 import (MIN_TEST_DAYS, Fits, compare, model_metrics, phase1_cost, predict_all, verdict)
+from pipeline_lib.phases.phase2 import Fits, model_metrics, predict_all
+from pipeline_lib.phases.verdict import MIN_TEST_DAYS, compare, phase1_cost, verdict
 
 T = 'fwd_ret_5m'
 PURGE = 30
@@ -195,7 +196,7 @@ def test_phase3_comparison_labels_validation_figures_and_never_chooses_an_in_sam
 
 
 def test_show_and_index_mark_in_sample_validation_figures(tmp_path):
-    from pipeline_lib.driver.runner import VALID_NOTE, build_index, show_run
+    from pipeline_lib.driver.index import VALID_NOTE, build_index, show_run
     ic = lambda v: {T: {'train': {'ic': 0.2}, 'valid': {'ic': v}, 'test': {'ic': 0.05}}}
     (tmp_path/'r1').mkdir()
     (tmp_path/'r1'/'metrics.json').write_text(json.dumps({

@@ -10,14 +10,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import random_bars
+from synthetic import realistic_bars
 from pipeline_lib.features import store as fc
-from pipeline_lib.features import library as F
+from pipeline_lib import features as F
 
 
 @pytest.fixture
 def bars():
-    return random_bars(2, 400, seed=3)
+    return realistic_bars(2, 400, seed=3)
 
 
 @pytest.fixture
@@ -75,6 +75,7 @@ def _other_config():
     return other
 
 
+@pytest.mark.slow
 def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypatch):
     real, calls = F.build_features, []
     def counting(b, config=None):
@@ -159,7 +160,7 @@ def test_unwritable_cache_still_returns_features(bars, tmp_path, counted_build, 
 
 def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
     "Writers trickle their parquet out slowly; a reader polling the final name only ever sees complete files."
-    bars = random_bars(3, 3000, seed=5)
+    bars = realistic_bars(3, 3000, seed=5)
     def fake(b, config=None):
         c = np.log(b['close'].to_numpy())
         return pd.DataFrame({f'fake_{i}': (c * i).astype('float32') for i in range(1, 40)}, index=b.index)

@@ -5,16 +5,17 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data.load import DataError, session_ids
-from pipeline_lib.features.library import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
+from pipeline_lib.features import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
                                    FeatureFamily, build_features, ewm_warmup, feature_names, feature_warmup,
-                                   normalise_feature_config, random_bars, register_family, unregister_family)
+                                   normalise_feature_config, register_family, unregister_family)
+from synthetic import full_session_bars
 
 N_ROWS = 1600      # per symbol: longer than the longest warm-up but vtod's (D sessions)
 
 
 @pytest.fixture(scope='module')
 def bars():
-    b = random_bars(3, N_ROWS, seed=3)
+    b = full_session_bars(3, N_ROWS, seed=3)
     # irregular: drop a few rows of one symbol so timestamps differ across symbols (cross-sections vary in size)
     rng = np.random.default_rng(0)
     drop = rng.choice(np.flatnonzero(b['symbol'].eq('S01').to_numpy()), 40, replace=False)
@@ -293,7 +294,7 @@ def test_time_features(bars, feats):
 def test_features_and_targets_share_one_session_definition():
     "Session starts of the features (time_since_open == 0) are session_ids' (the targets'): new days, and a lunch break > 15 bars."
     from pipeline_lib.data.targets import build_targets
-    b = random_bars(2, 3 * 390, seed=5)
+    b = full_session_bars(2, 3 * 390, seed=5)
     t, day = b['timestamp'], b['timestamp'].dt.normalize()
     days = np.sort(day.unique())
     lunch = (day == days[1]) & t.dt.strftime('%H:%M').between('12:00', '12:29')            # 30 bars: a new session

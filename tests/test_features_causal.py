@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import check_valid_bars, randomise_after, random_bars
-from pipeline_lib.features import library as F
+from pipeline_lib import features as F
+from synthetic import check_valid_bars, randomise_after, realistic_bars
 
 N_SYMBOLS, N_BARS = 4, 1500
 # A cell passes when |got - expected| <= RTOL * |expected|  or  <= ATOL_STD * (the column's std over the full data).
@@ -153,7 +153,7 @@ def _report(found: dict[str, str]) -> str:
 
 @pytest.fixture(scope='module')
 def bars():
-    b = random_bars(N_SYMBOLS, N_BARS, seed=11, extra_columns=1)
+    b = realistic_bars(N_SYMBOLS, N_BARS, seed=11, extra_columns=1)
     check_valid_bars(b)
     return b
 
@@ -171,7 +171,7 @@ def long_data(bars, full):
     "(bars, features) long enough that every column has a few hundred rows after its warm-up in a later-starting frame."
     need = max(F.feature_warmup().values()) + 700
     if need <= N_BARS: return bars, full
-    b = random_bars(N_SYMBOLS, need, seed=11, extra_columns=1)
+    b = realistic_bars(N_SYMBOLS, need, seed=11, extra_columns=1)
     return b, F.build_features(b)
 
 
@@ -182,7 +182,7 @@ def _starts(bars):
     return [pd.Timestamp(ts[57]), pd.Timestamp(ts[np.flatnonzero(days == days.unique()[1])[0]])]
 
 
-def test_random_bars_are_realistic(bars):
+def test_realistic_bars_are_realistic(bars):
     "The test data has what the checks need: several days, overnight gaps, missing bars, staggered symbols."
     per = bars.groupby('symbol')['timestamp']
     assert bars['timestamp'].dt.normalize().nunique() >= 4
@@ -211,6 +211,7 @@ def test_every_feature_ignores_the_future(bars, full):
     assert not found, _report(found)
 
 
+@pytest.mark.slow
 def test_every_declared_warmup_is_honest(long_data):
     bars, full = long_data
     found, counted = warmup_violations(bars, full, None, _starts(bars))

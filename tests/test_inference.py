@@ -18,9 +18,10 @@ from pipeline_lib.core.artifacts import ArtifactError, atomic_write_json, read_j
 from pipeline_lib.core.config import PipelineError, load_config
 from pipeline_lib.data.load import DataError
 from pipeline_lib.inference import InferenceError, load_run, main, register_run
-from pipeline_lib.data.market import make_market
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import run_phase2
+from pipeline_lib.phases.phase3 import run_phase3
+from synthetic import config_market_bars
 
 # quick config; 14 days so that even the all-features baseline (vtod_10: 11 sessions of warm-up) scores the test rows
 OVERRIDES = {'data': {'market': {'n_days': 14}}, 'phase2': {'multitask': {'epochs': 5}},
@@ -35,13 +36,9 @@ def trained(tmp_path_factory):
     rep = root/'reports'/'t'
     p1 = run_phase1(cfg, artifact_root=root, reports_dir=rep, progress=False)
     run_phase2(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
-    try:
-        from pipeline_lib.phases.phase3 import run_phase3
-        run_phase3(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
-    except ImportError:
-        pass
+    run_phase3(cfg, artifact_root=root, reports_dir=rep, run_name='t', run_data=p1.data, progress=False)
     register_run(rep, cfg, root, name='t')
-    bars, _ = make_market(**cfg['data']['market'], horizon=int(cfg['targets']['horizons'][0]))
+    bars = config_market_bars(cfg)
     return cfg, root, rep, bars
 
 
@@ -55,6 +52,7 @@ def full(trained, run):
     return run.predict(trained[3])
 
 
+@pytest.mark.e2e
 def test_reproduces_the_runs_predictions_parquet(trained, run, full):
     R = pd.read_parquet(trained[2]/'predictions.parquet').set_index(['symbol', 'timestamp'])
     pred_cols = [c for c in R.columns if '__' in c and not c.startswith('oracle')]
@@ -72,6 +70,7 @@ def test_reproduces_the_runs_predictions_parquet(trained, run, full):
         assert diff <= 1e-6, (c, diff)
 
 
+@pytest.mark.e2e
 def test_short_history_rows_are_nan_and_counted(trained, run, full):
     bars = trained[3]
     n_sym = bars['symbol'].nunique()
@@ -85,6 +84,7 @@ def test_short_history_rows_are_nan_and_counted(trained, run, full):
     assert 0 < len(used) < len(fit.features) and set(used) <= set(fit.features)
 
 
+@pytest.mark.e2e
 def test_prefix_gives_the_same_values(trained, run, full):
     bars = trained[3]
     cut = bars['timestamp'].quantile(0.85)      # past the baseline's warm-up too
@@ -97,6 +97,7 @@ def test_prefix_gives_the_same_values(trained, run, full):
         assert np.nanmax(np.abs(a - b)) <= 1e-12, c
 
 
+@pytest.mark.e2e
 def test_late_start_matches_the_full_history(trained, run, full):
     bars = trained[3]
     days = bars['timestamp'].dt.normalize()
@@ -112,6 +113,7 @@ def test_late_start_matches_the_full_history(trained, run, full):
             assert diff <= 1e-5, (c, diff)
 
 
+@pytest.mark.e2e
 def test_last_only_equals_the_full_history_on_the_latest_bar(trained, run, full):
     bars = trained[3]
     P = run.predict(bars, last_only=True)
@@ -123,6 +125,7 @@ def test_last_only_equals_the_full_history_on_the_latest_bar(trained, run, full)
     assert max(run.short_history_.values()) == 0
 
 
+@pytest.mark.e2e
 def test_models_and_targets_select_columns(trained, run):
     bars = trained[3]
     P = run.predict(bars, models=['ensemble'], last_only=True)
@@ -135,6 +138,7 @@ def test_models_and_targets_select_columns(trained, run):
         run.predict(bars, models=['lightgbm'], targets=['mdd'])
 
 
+@pytest.mark.e2e
 def test_bad_bars_are_refused_clearly(trained, run):
     bars = trained[3]
     with pytest.raises(DataError, match="volume"):
@@ -153,6 +157,7 @@ def _copy_run(trained, dest: Path) -> Path:
     return dest/'reports'/'c'
 
 
+@pytest.mark.e2e
 def test_replaced_or_modified_artifacts_are_refused(trained, tmp_path):
     rep = _copy_run(trained, tmp_path)
     load_run(rep)                                                  # the copy itself is fine
@@ -170,6 +175,7 @@ def test_replaced_or_modified_artifacts_are_refused(trained, tmp_path):
         load_run(rep)
 
 
+@pytest.mark.e2e
 def test_other_library_version_and_edited_config_are_refused(trained, tmp_path):
     rep = _copy_run(trained, tmp_path)
     md = tmp_path/'art'/'metadata'
@@ -187,6 +193,7 @@ def test_other_library_version_and_edited_config_are_refused(trained, tmp_path):
         load_run('no-such-run', tmp_path/'reports')
 
 
+@pytest.mark.e2e
 def test_cli_last_only(trained, tmp_path, capsys):
     bars = trained[3]
     data = tmp_path/'bars.parquet'
@@ -201,6 +208,7 @@ def test_cli_last_only(trained, tmp_path, capsys):
     assert 'No run' in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_as_a_module(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'pipeline_lib.inference', '--run', 'nope', '--reports-dir', str(tmp_path),
                         '--data-dir', str(tmp_path/'missing.csv'), '--out', str(tmp_path/'p.parquet')],

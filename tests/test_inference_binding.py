@@ -21,17 +21,19 @@ import pytest
 import pipeline_lib.models.sequence as sequence
 from pipeline_lib.core.artifacts import ArtifactError, merge_json_atomic, read_json, read_manifest, sha256_file
 from pipeline_lib.core.config import load_config
-from pipeline_lib.features.library import build_features
+from pipeline_lib.features import build_features
 from pipeline_lib.inference import (InferenceError, InferenceWarning, check_bars, cross_sectional_columns, load_run, main,
                                     register_run, subset_config)
-from pipeline_lib.data.market import make_market
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import run_phase2
 from pipeline_lib.phases.phase3 import load_sequence_models, run_phase3
+from synthetic import config_market_bars
 
 OVERRIDES = {'phase2': {'models': ['lightgbm']}}
 PHASE3 = {'models': ['cnn1d'], 'lookback': 8, 'max_epochs': 1, 'max_train_windows': 512, 'max_valid_windows': 256,
           'max_train_predictions': 500, 'device': 'cpu', 'predict_precision': 'bfloat16'}
+
+pytestmark = pytest.mark.e2e  # every test reads a run of the quick config
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +45,7 @@ def trained(tmp_path_factory):
     p1 = run_phase1(cfg, artifact_root=root, reports_dir=rep, progress=False)
     run_phase2(cfg, artifact_root=root, reports_dir=rep, run_name='a', run_data=p1.data, progress=False)
     register_run(rep, cfg, root, name='a')
-    bars, _ = make_market(**cfg['data']['market'], horizon=int(cfg['targets']['horizons'][0]))
+    bars = config_market_bars(cfg)
     return cfg, root, rep, bars, p1.data
 
 

@@ -64,9 +64,9 @@ def test_imports_go_down_the_layers(path):
 def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     "The rule would catch a real violation: a relative import from data up to the driver, inside a function."
     fake = PKG/'data'/'load.py'
-    monkeypatch.setattr(Path, 'read_text', lambda self, *a, **k: 'def f():\n    from ..driver.runner import main\n')
+    monkeypatch.setattr(Path, 'read_text', lambda self, *a, **k: 'def f():\n    from ..driver.cli import main\n')
     (line, target), = imports_of(fake)
-    assert target == 'pipeline_lib.driver.runner' and layer(target) > layer(module_name(fake))
+    assert target == 'pipeline_lib.driver.cli' and layer(target) > layer(module_name(fake))
 
 
 def test_public_api_imports_from_the_layer_packages():
@@ -74,9 +74,9 @@ def test_public_api_imports_from_the_layer_packages():
     from pipeline_lib.features import build_features
     from pipeline_lib.inference import load_run
     from pipeline_lib.phases import FeatureTransformer
-    import pipeline_lib.data.load, pipeline_lib.data.market, pipeline_lib.data.targets, pipeline_lib.features.library
+    import pipeline_lib.data.load, pipeline_lib.data.market, pipeline_lib.data.targets, pipeline_lib.features.build
     import pipeline_lib.phases.phase1, pipeline_lib.targets
     assert load_bars is pipeline_lib.data.load.load_bars and make_market is pipeline_lib.data.market.make_market
     assert build_targets is pipeline_lib.data.targets.build_targets is pipeline_lib.targets.build_targets
-    assert build_features is pipeline_lib.features.library.build_features
+    assert build_features is pipeline_lib.features.build.build_features
     assert FeatureTransformer is pipeline_lib.phases.phase1.FeatureTransformer and callable(load_run)

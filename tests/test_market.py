@@ -4,12 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import check_valid_bars, randomise_after
 
 from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import infer_interval, session_ids
 from pipeline_lib.data.market import (ORACLE_SOURCES, REGIMES, MarketParams, causal_oracle, drift_inputs, drift_sum,
                                  make_market, mc_oracle, oracle_sources, stationary)
+from pipeline_lib.features import build_features, feature_names
+from synthetic import check_valid_bars, randomise_after
 
 P = MarketParams()
 
@@ -87,6 +88,7 @@ def test_bars_are_canonical_and_valid(market):
     assert (bars['low'] < bars[['open', 'close']].min(axis=1)).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_strength_zero_plants_nothing_with_the_same_shocks(market, zero):
     bars, oracle, state = market
     zbars, zoracle, zstate = zero
@@ -161,8 +163,7 @@ def test_regimes_persist_and_drive_volatility(market):
 
 
 def _park_60(bars):
-    features = pytest.importorskip('pipeline_lib.features.library')
-    return features.build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
+    return build_features(bars, {'families': ['park']})['park_60'].to_numpy(np.float64)
 
 
 def _regime_from_bars(bars):
@@ -269,6 +270,7 @@ def test_oracle_formula_is_exact_when_the_hidden_state_is_frozen():
         assert np.allclose(causal_oracle(bars, state, horizon=h, params=frozen)[rows], mc, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.slow
 def test_oracle_matches_monte_carlo_when_the_hidden_state_moves_fast():
     # a fast regime chain and volatility state make the closed-form expectations (P^j, log-normal) matter
     fast = dict(transition=((0.8, 0.15, 0.05), (0.1, 0.8, 0.1), (0.05, 0.15, 0.8)), vol_phi=0.7, vol_sd=0.6)
@@ -310,8 +312,7 @@ def test_oracle_sources_name_the_drift_inputs():
 
 
 def test_oracle_sources_hint_at_real_features():
-    features = pytest.importorskip('pipeline_lib.features.library')
-    names = set(features.feature_names())
+    names = set(feature_names())
     for s in ORACLE_SOURCES:
         assert set(s['features']) <= names, s['name']
         assert all(any(n.startswith(f + '_') for n in names) for f in s['families']), s['name']

@@ -10,17 +10,13 @@ from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import DataError
 from pipeline_lib.evaluation.metrics import (METRIC_KEYS, backtest, bars_per_year, block_labels, evaluate, evaluate_splits,
                                   json_safe, se_simulation)
-
-
-def _minute_grid(n_days, bars_per_day=390, start='2024-01-02'):
-    days = pd.bdate_range(start, periods=n_days) + pd.Timedelta('9h30min')
-    return pd.DatetimeIndex((days.values[:, None] + (np.arange(bars_per_day) * 60).astype('timedelta64[s]')[None, :]).ravel())
+from synthetic import close_walk, session_grid
 
 
 def _panel(n_symbols=4, n_days=3, bars_per_day=30, seed=0):
     "A small hand-made panel: n_symbols per timestamp, y and a correlated prediction."
     rng = np.random.default_rng(seed)
-    ts = _minute_grid(n_days, bars_per_day)
+    ts = session_grid(n_days, bars_per_day)
     n = len(ts) * n_symbols
     y = rng.normal(size=n)
     p = 0.4 * y + rng.normal(size=n)
@@ -128,7 +124,7 @@ def test_blocks_for_daily_bars():
     quarter = two_years[:63]
     assert block_labels(quarter).max() + 1 == quarter.to_period('W').nunique()
     assert (block_labels(quarter, 'M') == pd.factorize(quarter.to_period('M'))[0]).all()
-    intraday = _minute_grid(3, 10)
+    intraday = session_grid(3, 10)
     assert block_labels(intraday).tolist() == [0] * 10 + [1] * 10 + [2] * 10
 
 
@@ -159,6 +155,7 @@ def test_json_safe():
 
 # ---------------------------------------------------------------- standard errors against a simulation
 
+@pytest.mark.slow
 def test_day_block_se_matches_the_spread_across_replicates():
     # Null panels: 1-minute iid returns with a market factor, target = 5-bar forward sum (overlapping rows),
     # prediction = independent persistent noise with a common component. True IC = 0.
@@ -174,17 +171,6 @@ def test_day_block_se_matches_the_spread_across_replicates():
 
 
 # ---------------------------------------------------------------- backtest
-
-def _random_walk_bars(n_symbols=10, n_days=10, bars_per_day=60, seed=0, vol=1e-3, overnight=0.0):
-    rng = np.random.default_rng(seed)
-    ts = _minute_grid(n_days, bars_per_day)
-    frames = []
-    for i in range(n_symbols):
-        r = vol * rng.normal(size=len(ts))
-        r[np.arange(len(ts)) % bars_per_day == 0] += overnight * rng.normal(size=n_days)
-        frames.append(pd.DataFrame({'symbol': f'S{i:02d}', 'timestamp': ts, 'close': 100 * np.exp(np.cumsum(r))}))
-    return pd.concat(frames, ignore_index=True)
-
 
 def _shifted_log_close(bars, k):
     "log close k bars ahead within (symbol, day); NaN past the day's end."
@@ -215,7 +201,7 @@ def test_backtest_hand_computed_single_symbol():
 
 
 def test_perfect_foresight_earns_and_look_ahead_signals_do_not():
-    bars = _random_walk_bars()
+    bars = close_walk()
     h = 5
     lc = np.log(bars['close'])
     foresight = (_shifted_log_close(bars, 1 + h) - _shifted_log_close(bars, 1)).fillna(0)   # the held return
@@ -235,7 +221,7 @@ def test_perfect_foresight_earns_and_look_ahead_signals_do_not():
 
 def test_no_position_is_held_over_the_night():
     bpd = 60
-    bars = _random_walk_bars(overnight=0.05, bars_per_day=bpd)       # huge overnight jumps
+    bars = close_walk(overnight=0.05, bars_per_day=bpd)       # huge overnight jumps
     day = bars['timestamp'].dt.normalize()
     g = bars.groupby(['symbol', day])['close']
     last, first = g.last(), g.first()
@@ -253,7 +239,7 @@ def test_no_position_is_held_over_the_night():
 
 
 def test_costs_reduce_returns_by_cost_times_turnover():
-    bars = _random_walk_bars(n_days=4)
+    bars = close_walk(n_days=4)
     pred = np.random.default_rng(1).normal(size=len(bars))
     a = backtest(bars, pred, horizon=5, cost_bps=0.0)
     b = backtest(bars, pred, horizon=5, cost_bps=2.5)
@@ -268,7 +254,7 @@ def test_costs_reduce_returns_by_cost_times_turnover():
 
 def test_positions_change_only_every_h_bars_and_are_dollar_neutral():
     h, bpd = 7, 60
-    bars = _random_walk_bars(n_days=3, bars_per_day=bpd)
+    bars = close_walk(n_days=3, bars_per_day=bpd)
     pred = np.random.default_rng(2).normal(size=len(bars))
     bt = backtest(bars, pred, horizon=h, cost_bps=1.0, quantile=0.2)
     W = bt.weights.to_numpy()
@@ -287,9 +273,9 @@ def test_positions_change_only_every_h_bars_and_are_dollar_neutral():
 
 
 def test_sharpe_annualisation_for_minute_and_daily_bars():
-    ts = _minute_grid(3, 390)
+    ts = session_grid(3, 390)
     assert bars_per_year(ts) == 390 * 252
-    bars = _random_walk_bars(n_symbols=3, n_days=3, bars_per_day=390)
+    bars = close_walk(n_symbols=3, n_days=3, bars_per_day=390)
     bt = backtest(bars, np.random.default_rng(3).normal(size=len(bars)), horizon=5)
     pnl = bt.pnl.to_numpy()
     assert bt.stats['bars_per_year'] == 98280
@@ -308,7 +294,7 @@ def test_sharpe_annualisation_for_minute_and_daily_bars():
 
 
 def test_backtest_bad_input():
-    bars = _random_walk_bars(n_symbols=2, n_days=1)
+    bars = close_walk(n_symbols=2, n_days=1)
     with pytest.raises(DataError, match="'close'"):
         backtest(bars.drop(columns='close'), np.zeros(len(bars)))
     with pytest.raises(PipelineError, match='rows'):

@@ -32,6 +32,7 @@ def run(tmp_path_factory):
     return cfg, root, p1, p2
 
 
+@pytest.mark.e2e
 def test_mdd_run_has_no_oracle_and_says_why(run):
     _, root, p1, p2 = run
     rd = p1.data
@@ -47,6 +48,7 @@ def test_mdd_run_has_no_oracle_and_says_why(run):
     assert not [k for k in p2.checks if 'oracle' in k or 'bound' in k]   # the verdict compares with no oracle
 
 
+@pytest.mark.e2e
 def test_leakage_screen_used_the_path_threshold_not_the_return_oracle(run):
     cfg, _, p1, _ = run
     lk = p1.metrics['leakage']
@@ -57,6 +59,7 @@ def test_leakage_screen_used_the_path_threshold_not_the_return_oracle(run):
     assert p1.transformer.leakage_threshold == PATH_THRESHOLD
 
 
+@pytest.mark.e2e
 def test_demean_fallback_rows_are_recorded_per_split(run):
     _, _, p1, p2 = run
     rd = p1.data

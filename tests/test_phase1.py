@@ -17,11 +17,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from pipeline_lib.core.artifacts import ArtifactError
 from pipeline_lib.core.config import load_config
-from pipeline_lib.features.library import FEATURE_FAMILIES, normalise_feature_config
+from pipeline_lib.features import FEATURE_FAMILIES, normalise_feature_config
 from pipeline_lib.data.market import ORACLE_SOURCES
 from pipeline_lib.phases.phase1 import (FeatureTransformer, phase1_expect, run_phase1, top_features_file, transformer_params)
 from pipeline_lib.phases.run_data import prepare_run_data
 from pipeline_lib.models.selection import LeakageError, synthetic_panel
+from synthetic import realistic_bars
 
 FAST = {'phase1': {'vae': {'epochs': 4}}}
 
@@ -49,6 +50,7 @@ def _copy_metadata(base, tmp_path):
 
 
 # ---- the phase's outputs --------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_outputs_follow_n(base, rd):
     ft, n = base.transformer, base.n_selected
     names = list(ft.get_feature_names_out())
@@ -64,6 +66,7 @@ def test_outputs_follow_n(base, rd):
     assert 'oracle' in m and 'train' in m['oracle'][rd.targets.columns[0]]
 
 
+@pytest.mark.e2e
 def test_scaling_uses_training_rows_only(base, rd):
     "Selected features on the training rows: median 0 after scaling (imputed values sit at 0 too), clipped at 10."
     tr = rd.rows('train')
@@ -72,6 +75,7 @@ def test_scaling_uses_training_rows_only(base, rd):
     assert s.abs().max().max() <= 10
 
 
+@pytest.mark.e2e
 def test_poisoned_valid_and_test_targets_change_nothing(cfg, rd, base, tmp_path):
     "Every valid and test target replaced by a perfect function of one feature: selection and output are identical."
     rows = np.r_[rd.rows('valid'), rd.rows('test')]
@@ -108,6 +112,7 @@ def default_fit():
                   symbols=rd.bars['symbol'].iloc[tr], oracle=rd.oracle['oracle'].iloc[tr])
 
 
+@pytest.mark.slow
 def test_oracle_sources_outrank_noise_controls(default_fit):
     """On the embedded market (default size) the families the planted drift is built from (market.ORACLE_SOURCES) beat
     every noise control: not one lucky column, the best three. (On the quick config's 6 training days a persistent
@@ -125,6 +130,7 @@ def test_oracle_sources_outrank_noise_controls(default_fit):
 
 
 # ---- artifacts --------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
 def test_artifacts_round_trip_exactly(base, cfg, rd):
     back = FeatureTransformer.load(base.metadata_dir, phase1_expect(cfg, rd.fingerprint))
     assert back.selected_features_ == base.selected
@@ -148,6 +154,7 @@ class _Bomb:
     def __reduce__(self): return (open, (self.path, 'w'))
 
 
+@pytest.mark.e2e
 def test_tampered_artifact_refused_before_unpickling(base, tmp_path):
     d = _copy_metadata(base, tmp_path)
     marker = tmp_path/'unpickled.txt'
@@ -157,6 +164,7 @@ def test_tampered_artifact_refused_before_unpickling(base, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_missing_file_refused(base, tmp_path):
     d = _copy_metadata(base, tmp_path)
     (d/'gmm_model.joblib').unlink()
@@ -177,6 +185,7 @@ def few(tmp_path_factory):
     return c, run_phase1(c, artifact_root=root, reports_dir=root/'reports', run_data=rd, progress=False)
 
 
+@pytest.mark.e2e
 def test_fewer_features_than_requested_carries_n(few):
     c, res = few
     n = res.n_selected
@@ -188,6 +197,7 @@ def test_fewer_features_than_requested_carries_n(few):
     assert back.n_selected_ == n and len(back.get_feature_names_out()) == n + 11
 
 
+@pytest.mark.e2e
 def test_manifest_for_another_feature_config_refused(base, few, cfg):
     c_few, res_few = few
     with pytest.raises(ArtifactError, match='another feature config'):
@@ -197,6 +207,7 @@ def test_manifest_for_another_feature_config_refused(base, few, cfg):
     FeatureTransformer.load(base.metadata_dir, {'feature_config': cfg.get('features')})  # the right one loads
 
 
+@pytest.mark.e2e
 def test_manifest_from_another_feature_library_version_refused(base, cfg, tmp_path):
     import json
     d = _copy_metadata(base, tmp_path)
@@ -208,10 +219,10 @@ def test_manifest_from_another_feature_library_version_refused(base, cfg, tmp_pa
         FeatureTransformer.load(d, phase1_expect(cfg))
 
 
+@pytest.mark.e2e
 def test_data_dir_run_has_no_oracle(tmp_path):
     "Bars from files: the same phase, no oracle (so no oracle bar and no `oracle` key), a user column among the features."
-    from conftest import random_bars
-    bars = random_bars(n_symbols=3, n_bars=3000, seed=5, extra_columns=1)
+    bars = realistic_bars(n_symbols=3, n_bars=3000, seed=5, extra_columns=1)
     bars.to_csv(tmp_path/'bars.csv', index=False)
     c = load_config('configs/quick.yaml', {'phase1': {'n_features': 12, 'vae': {'epochs': 2}},
                                            'features': {'families': ['rvol', 'ret', 'roc', 'vma'], 'user_columns': ['user_0']}})
@@ -229,6 +240,7 @@ SMALL = dict(n_features=4, n_folds=2, horizon=1, lgbm_params={'min_data_in_leaf'
              vae_params={'epochs': 3, 'hidden': (16,), 'batch_size': 256}, device='cpu')
 
 
+@pytest.mark.slow
 def test_same_seed_same_list():
     X, y, ts, sym = synthetic_panel(6000, 12, seed=1, signal=0.3)
     a = FeatureTransformer(**SMALL, seed=3).fit(X, y, timestamps=ts, symbols=sym)
@@ -287,6 +299,7 @@ def _expected_failed_checks(estimator):
     }
 
 
+@pytest.mark.slow
 @parametrize_with_checks([FeatureTransformer(**CHECK_PARAMS)], expected_failed_checks=_expected_failed_checks)
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
@@ -296,6 +309,7 @@ class _Captured(Exception):
     pass
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('demean', [True, False])
 def test_phase1_ranks_features_for_the_target_phase2_fits(cfg, rd, monkeypatch, tmp_path, demean):
     """The selection target is `fitting_targets` of the training rows: with targets.demean_returns the return minus its

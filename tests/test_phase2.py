@@ -21,6 +21,8 @@ from pipeline_lib.phases.phase2 import (MODEL_NAMES, Phase1Missing, load_core_mo
 # it put |IC| beyond 4 standard errors for 1 model in 5 across seeds; 8 days make the 4-s.e. bar meaningful.
 NULL = {'data': {'market': {'strength': 0, 'n_days': 40}}, 'phase2': {'multitask': {'epochs': 15}}}
 
+pytestmark = pytest.mark.e2e  # every test reads a run of the quick config
+
 
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):

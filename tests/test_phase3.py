@@ -16,9 +16,9 @@ from pipeline_lib.core.config import PipelineError, load_config
 from pipeline_lib.evaluation.metrics import METRIC_KEYS
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import prediction_frame
-from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_settings, run_phase3,
+from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_options, run_phase3,
                                  transform_array)
-from pipeline_lib.driver.runner import DependencyError
+from pipeline_lib.core.config import DependencyError
 
 T = 'fwd_ret_5m'
 # quick config, no planted drift, 16 days so the test split has 4 days (day-block standard errors need a few blocks);
@@ -43,6 +43,7 @@ def run(tmp_path_factory):
     return cfg, root, res
 
 
+@pytest.mark.e2e
 def test_null_market_every_model_is_within_4_standard_errors_of_zero(run):
     _, _, res = run
     assert set(res.metrics['models']) == set(MODEL_NAMES)
@@ -52,9 +53,10 @@ def test_null_market_every_model_is_within_4_standard_errors_of_zero(run):
         assert abs(m['ic']) <= 4 * m['ic_se'], (name, m['ic'], m['ic_se'])
 
 
+@pytest.mark.e2e
 def test_windows_stay_in_their_symbol_and_split_and_end_at_their_row(run):
     _, _, res = run
-    rd, L = res.data, res.settings['lookback']
+    rd, L = res.data, res.opts['lookback']
     lab, sym = rd.split.to_numpy().astype(str), rd.bars['symbol'].to_numpy()
     P = res.predictions
     pos = np.flatnonzero(lab != 'gap')                     # P's rows are the run's non-gap rows, in order
@@ -72,10 +74,11 @@ def test_windows_stay_in_their_symbol_and_split_and_end_at_their_row(run):
                           res.transformer.transform(rd.features.iloc[:300]).to_numpy(np.float32))
 
 
+@pytest.mark.e2e
 def test_a_prediction_is_made_at_its_windows_last_row(run):
     "Changing row k's features changes the predictions of rows k .. k+L-1 (the windows holding it), and no other."
     _, root, res = run
-    L = res.settings['lookback']
+    L = res.opts['lookback']
     back = load_sequence_models(root/'output'/'sequential_models')
     sym = res.data.bars['symbol'].to_numpy()
     a = int(np.flatnonzero(sym == sym[0])[0])
@@ -89,6 +92,7 @@ def test_a_prediction_is_made_at_its_windows_last_row(run):
         assert hit.min() == k and hit.max() <= k + L - 1, (c, hit)
 
 
+@pytest.mark.e2e
 def test_test_rows_are_exactly_phase2s(run):
     _, root, res = run
     rd = res.data
@@ -104,6 +108,7 @@ def test_test_rows_are_exactly_phase2s(run):
     assert res.metrics['windows']['test']['rows without one'] == 0
 
 
+@pytest.mark.e2e
 def test_predictions_parquet_merges_with_phase2(run):
     _, root, res = run
     P = pd.read_parquet(root/'reports'/'predictions.parquet')
@@ -119,6 +124,7 @@ def test_predictions_parquet_merges_with_phase2(run):
         assert P.loc[P['split'].eq('train'), f'{m}__{T}'].notna().sum() == 1500   # capped train scoring
 
 
+@pytest.mark.e2e
 def test_compare_says_plainly_when_phase2_has_not_run(run):
     _, _, res = run
     table, out = compare_with_phase2(res.predictions, T, list(res.fits))
@@ -126,6 +132,7 @@ def test_compare_says_plainly_when_phase2_has_not_run(run):
     assert set(table['phase']) == {'phase 3', 'oracle'}
 
 
+@pytest.mark.e2e
 def test_metrics_json_shape_caps_and_no_nan(run):
     _, root, res = run
     doc = json.loads((root/'reports'/'metrics.json').read_text(), parse_constant=lambda c: pytest.fail(f'metrics.json contains {c}'))
@@ -141,6 +148,7 @@ def test_metrics_json_shape_caps_and_no_nan(run):
         assert d['training']['windows_per_second'] > 0 and d['training']['n_parameters'] > 0
 
 
+@pytest.mark.e2e
 def test_artifacts_round_trip_with_weights_only(run):
     _, root, res = run
     d = root/'output'/'sequential_models'
@@ -151,7 +159,7 @@ def test_artifacts_round_trip_with_weights_only(run):
         state = torch.load(d/f'{m}.pt', weights_only=True)
         assert all(isinstance(v, torch.Tensor) for v in state.values())
     back = load_sequence_models(d, {'data_fingerprint': res.data.fingerprint, 'primary_target': T})
-    rd, L = res.data, res.settings['lookback']
+    rd, L = res.data, res.opts['lookback']
     sym = rd.bars['symbol'].to_numpy()
     r = np.flatnonzero((rd.split.to_numpy() == 'test') & (sym == sym[-1]))[:400]
     a = r[0] - L + 1
@@ -161,6 +169,7 @@ def test_artifacts_round_trip_with_weights_only(run):
         assert np.allclose(again[c].to_numpy(), res.predictions[c].to_numpy()[pos], rtol=1e-5, atol=1e-9), c
 
 
+@pytest.mark.e2e
 def test_tampered_or_foreign_artifacts_are_refused(run, tmp_path):
     _, root, res = run
     d = tmp_path/'sequential_models'
@@ -174,6 +183,7 @@ def test_tampered_or_foreign_artifacts_are_refused(run, tmp_path):
         load_sequence_models(d)
 
 
+@pytest.mark.e2e
 def test_missing_phase1_is_refused_before_any_work(run, tmp_path):
     cfg, _, res = run
     with pytest.raises(DependencyError, match='Phase 1'):
@@ -183,10 +193,10 @@ def test_missing_phase1_is_refused_before_any_work(run, tmp_path):
 
 def test_lookback_longer_than_the_splits_gaps_is_refused():
     with pytest.raises(PipelineError, match='split.max_lookback'):
-        phase3_settings(load_config('configs/quick.yaml', {'phase3': {'lookback': 40}}))
+        phase3_options(load_config('configs/quick.yaml', {'phase3': {'lookback': 40}}))
     with pytest.raises(PipelineError, match='Unknown model'):
-        phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': ['gru']}}))
-    s = phase3_settings(load_config('configs/quick.yaml', {'phase3': {'models': {'cnn1d': {'channels': 8}}}}))
+        phase3_options(load_config('configs/quick.yaml', {'phase3': {'models': ['gru']}}))
+    s = phase3_options(load_config('configs/quick.yaml', {'phase3': {'models': {'cnn1d': {'channels': 8}}}}))
     assert s['models'] == {'cnn1d': {'channels': 8}}
 
 
@@ -194,6 +204,7 @@ class _Captured(Exception):
     pass
 
 
+@pytest.mark.e2e
 def test_networks_are_trained_and_stopped_on_the_demeaned_return_of_their_block_only(run, monkeypatch):
     """Phase 3 fits `fitting_targets` like Phase 2: the train and valid blocks each demeaned over their own rows,
     and no test row's target is ever handed to the trainer."""

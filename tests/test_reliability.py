@@ -27,10 +27,14 @@ import pandas as pd
 import psutil
 import pytest
 
-import pipeline_lib.driver.runner as runner
+from pipeline_lib.driver import cli, preflight
+from pipeline_lib.driver.demo import write_demo_phase
+from pipeline_lib.driver.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED
+from pipeline_lib.driver.index import collect_runs
 from pipeline_lib.core.artifacts import ArtifactError, ArtifactWarning, ArtifactWriter, verify_manifest
 from pipeline_lib.core.config import load_config, load_settings
-from test_data import _bad_cases, make_bars
+from synthetic import walk_bars
+from test_data import _bad_cases
 from test_runner import DRIVER, FAST_S, make_root
 
 REPO = load_settings()['root']
@@ -48,7 +52,7 @@ def main_in(root: Path, *args) -> tuple[int, str, str]:
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             if '--nbs-dir' not in args: args = (*args, '--nbs-dir', REPO/'nbs')
-            rc = runner.main([str(a) for a in args])
+            rc = cli.main([str(a) for a in args])
     finally:
         if old is None: os.environ.pop('PIPELINE_ROOT', None)
         else: os.environ['PIPELINE_ROOT'] = old
@@ -133,6 +137,7 @@ def twice(tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_same_config_and_seed_give_the_same_result(twice):
     a, b = twice
     assert a['p1'].data.fingerprint == b['p1'].data.fingerprint  # the embedded market itself is reproducible
@@ -160,6 +165,7 @@ def test_same_config_and_seed_give_the_same_result(twice):
 
 
 # ------------------------------------------------------------------------------ interruption: no orphans
+@pytest.mark.e2e
 def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twice, tmp_path):
     root = make_root(tmp_path/'root')
     shutil.copytree(twice[0]['root']/'metadata', root/'metadata')  # the previous complete Phase 1 artifacts
@@ -184,6 +190,7 @@ def test_sigkill_of_a_real_quick_run_leaves_no_kernel_and_complete_artifacts(twi
     assert rc == 0 and 'killed' in out, out
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGKILL], ids=['SIGINT', 'SIGKILL'])
 def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tmp_path, sig):
     """A phase stopped while its ArtifactWriter is staging (its kernel also runs a child process): the kernel and
@@ -196,7 +203,7 @@ def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tm
             "    w.save_json('a.json', {'v': 2}); w.save_json('b.json', {'half': True})\n"
             "    pathlib.Path(artifact_root, 'STAGED').write_text('1')\n    time.sleep(120)\n")
     nbs = tmp_path/'nbs'
-    runner.write_demo_phase(nbs/'10_phase1_demo.ipynb', body=body)
+    write_demo_phase(nbs/'10_phase1_demo.ipynb', body=body)
     proc = start_driver(root, '--phases', '1', '--run-name', 'i', '--nbs-dir', nbs)
     try:
         kernel = wait_for_kernel(proc)
@@ -213,7 +220,7 @@ def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tm
     finally:
         if proc.poll() is None: proc.kill()
     if sig == signal.SIGINT:
-        assert rc == runner.EXIT_INTERRUPTED and 'nterrupted' in out, out
+        assert rc == EXIT_INTERRUPTED and 'nterrupted' in out, out
         assert time.monotonic() - t0 < 15
     else:
         assert rc == -signal.SIGKILL
@@ -224,7 +231,7 @@ def test_kill_mid_write_stops_kernel_and_children_and_keeps_the_old_artifacts(tm
     if sig == signal.SIGINT:
         assert run['status'] == 'interrupted' and run['phases']['1']['status'] == 'interrupted'
     else:  # nothing could be recorded; the index and --list show the dead run as killed
-        assert run['status'] == 'running' and runner.collect_runs(root/'reports')[0]['run']['status'] == 'killed'
+        assert run['status'] == 'running' and collect_runs(root/'reports')[0]['run']['status'] == 'killed'
     staged = list(root.glob('.metadata.staging-*'))
     t0 = time.monotonic()  # a killed kernel is a zombie until init reaps it (~2 s here); a zombie's pid still "exists"
     while any(psutil.pid_exists(p) for p in family) and time.monotonic() - t0 < 8: time.sleep(0.1)
@@ -248,25 +255,28 @@ def no_unpickling(monkeypatch):
     monkeypatch.setattr(joblib, 'load', boom)
 
 
+@pytest.mark.e2e
 def test_modified_artifact_is_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     gmm = next(p for p in (meta_copy/'metadata').iterdir() if 'gmm' in p.name)
     data = bytearray(gmm.read_bytes()); data[len(data)//2] ^= 0xFF; gmm.write_bytes(bytes(data))
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run')
-    assert rc == runner.EXIT_BAD_INPUT and gmm.name in err and 'modified' in err and 'Phase 1' in err, err
+    assert rc == EXIT_BAD_INPUT and gmm.name in err and 'modified' in err and 'Phase 1' in err, err
     with pytest.raises(ArtifactError, match='modified after it was written'):
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(load_config(QUICK)))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpickling):
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--set', 'features.exclude=[rsi]', '--phases', '2', '--dry-run')
-    assert rc == runner.EXIT_BAD_INPUT and 'different Phase 1 config' in err and 'features.exclude' in err, err
+    assert rc == EXIT_BAD_INPUT and 'different Phase 1 config' in err and 'features.exclude' in err, err
     other = load_config(QUICK, {'features': {'exclude': ['rsi']}})
     with pytest.raises(ArtifactError, match='another feature config'):
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(other))
 
 
+@pytest.mark.e2e
 def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatch):
     "Another pipeline_lib version: a warning (the hashes and config still match, so they are usable), or a refusal on request."
     from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
@@ -286,8 +296,9 @@ def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatc
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(cfg), on_version='error')
 
 
+@pytest.mark.e2e
 def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp_path):
-    "Same path, other rows: the runner's reuse check compares data fingerprints; FeatureTransformer.load with expect too."
+    "Same path, other rows: the driver's reuse check compares data fingerprints; FeatureTransformer.load with expect too."
     from pipeline_lib.features.store import data_fingerprint
     from pipeline_lib.data.load import load_bars
     from pipeline_lib.data.market import make_market
@@ -307,13 +318,13 @@ def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp
     assert rc == 0, err  # ... then it is accepted
     bars.assign(close=bars['close']*1.001, high=bars['high']*1.001, open=bars['open']*1.001, low=bars['low']*1.001).to_parquet(path)
     rc, out, err = main_in(meta_copy, *args)  # ... and once the file changes, refused
-    assert rc == runner.EXIT_BAD_INPUT and 'trained on different data' in err and fp in err, err
+    assert rc == EXIT_BAD_INPUT and 'trained on different data' in err and fp in err, err
     with pytest.raises(ArtifactError, match='data_fingerprint'):
         FeatureTransformer.load(meta_copy/'metadata', expect=phase1_expect(load_config(QUICK), fingerprint='0'*32))
 
 
 # ----------------------------------------------------------------------------- bad input, end to end
-BAD = _bad_cases(make_bars())
+BAD = _bad_cases(walk_bars())
 
 
 @pytest.fixture(scope='module')
@@ -329,7 +340,7 @@ def test_malformed_data_is_refused_by_the_driver(bad_root, tmp_path, case):
     listed = (want.get('kw') or {}).get('user_columns')   # what load_bars is given, the driver gets as a setting
     sets = ['--set', f"features.user_columns=[{', '.join(listed)}]"] if listed else []
     rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml', '--data-dir', path, '--run-name', 'bad', *sets)
-    assert rc == runner.EXIT_BAD_INPUT, (out, err)
+    assert rc == EXIT_BAD_INPUT, (out, err)
     assert time.perf_counter() - t0 < FAST_S
     assert err.startswith('error: ') and want['msg'] in err and 'Traceback' not in err, err
     for key in ('column', 'symbol'):
@@ -337,6 +348,7 @@ def test_malformed_data_is_refused_by_the_driver(bad_root, tmp_path, case):
     assert written(bad_root) == []
 
 
+@pytest.mark.slow
 def test_malformed_data_through_run_notebooks_py(tmp_path):
     "The real entry point: exit status 2 within seconds, the problem named, nothing written."
     root = make_root(tmp_path/'root')
@@ -361,50 +373,46 @@ def test_malformed_data_through_run_notebooks_py(tmp_path):
 def test_bad_config_values_are_refused_with_a_clear_message(bad_root, sets, expect):
     args = [a for s in sets for a in ('--set', s)]
     rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml', *args)
-    assert rc == runner.EXIT_BAD_INPUT and expect in err and 'Traceback' not in err, err
+    assert rc == EXIT_BAD_INPUT and expect in err and 'Traceback' not in err, err
     assert written(bad_root) == []
 
 
 # ---------------------------------------------------------------------------------------------- resources
 def test_too_much_data_is_refused_before_it_is_read(bad_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, 'available_memory', lambda: 64*2**20)
+    monkeypatch.setattr(preflight, 'available_memory', lambda: 64*2**20)
     rc, out, err = main_in(bad_root, '--config', 'configs/quick.yaml')  # the embedded market: 4 x 10 x 390 rows
-    assert rc == runner.EXIT_BAD_INPUT and '15,600 rows' in err and '64 MiB is available' in err and 'rows would fit' in err, err
+    assert rc == EXIT_BAD_INPUT and '15,600 rows' in err and '64 MiB is available' in err and 'rows would fit' in err, err
     # a file: estimated from its size, refused before load_bars reads it
-    bars, _ = make_market_bars()
+    from pipeline_lib.data.market import make_market
+    bars, _ = make_market(n_symbols=2, n_days=2, seed=1)
     bars.to_parquet(tmp_path/'big.parquet')
     import pipeline_lib.data.load
     monkeypatch.setattr(pipeline_lib.data.load, 'load_bars', lambda *a, **k: pytest.fail('the data was read'))
-    monkeypatch.setattr(runner, 'available_memory', lambda: 2**20)
+    monkeypatch.setattr(preflight, 'available_memory', lambda: 2**20)
     rc, out, err = main_in(bad_root, '--data-dir', tmp_path/'big.parquet')
-    assert rc == runner.EXIT_BAD_INPUT and f'about {len(bars):,} rows, estimated from the file sizes' in err, err
+    assert rc == EXIT_BAD_INPUT and f'about {len(bars):,} rows, estimated from the file sizes' in err, err
     assert written(bad_root) == []
     # plenty of memory: no complaint; tight memory: a warning, not a refusal
-    assert runner.memory_check(15_600, load_config(QUICK), 421, 'x', available=2**40) is None
-    need = runner.estimate_bytes(15_600, 421, 5, 61)
-    assert 'more than half' in runner.memory_check(15_600, load_config(QUICK), 421, 'x', available=int(need*1.5))
-
-
-def make_market_bars():
-    from pipeline_lib.data.market import make_market
-    return make_market(n_symbols=2, n_days=2, seed=1)
+    assert preflight.memory_check(15_600, load_config(QUICK), 421, 'x', available=2**40) is None
+    need = preflight.estimate_bytes(15_600, 421, 5, 61)
+    assert 'more than half' in preflight.memory_check(15_600, load_config(QUICK), 421, 'x', available=int(need*1.5))
 
 
 def test_data_size_options_are_validated_and_counted():
-    assert runner.data_option_problems({'data': {'max_rows': 0}}) and runner.data_option_problems({'data': {'max_rows': 2.5}})
-    assert runner.data_option_problems({'data': {'sample': 0}}) and runner.data_option_problems({'data': {'sample': True}})
-    assert not runner.data_option_problems({'data': {'max_rows': 1000, 'sample': 0.25}})
-    assert runner.effective_rows(10_000, {'data': {'sample': 0.25}}) == 2_500
-    assert runner.effective_rows(10_000, {'data': {'max_rows': 3_000, 'sample': 0.5}}) == 3_000
+    assert preflight.data_option_problems({'data': {'max_rows': 0}}) and preflight.data_option_problems({'data': {'max_rows': 2.5}})
+    assert preflight.data_option_problems({'data': {'sample': 0}}) and preflight.data_option_problems({'data': {'sample': True}})
+    assert not preflight.data_option_problems({'data': {'max_rows': 1000, 'sample': 0.25}})
+    assert preflight.effective_rows(10_000, {'data': {'sample': 0.25}}) == 2_500
+    assert preflight.effective_rows(10_000, {'data': {'max_rows': 3_000, 'sample': 0.5}}) == 3_000
     cfg = load_config(QUICK)
-    with pytest.raises(runner.ResourceError):
-        runner.memory_check(10**6, cfg, 421, 'x', available=2**30)
-    assert runner.memory_check(10**6, {**cfg, 'data': {'max_rows': 10_000}}, 421, 'x', available=2**30) is None
+    with pytest.raises(preflight.ResourceError):
+        preflight.memory_check(10**6, cfg, 421, 'x', available=2**30)
+    assert preflight.memory_check(10**6, {**cfg, 'data': {'max_rows': 10_000}}, 421, 'x', available=2**30) is None
 
 
 def test_a_grid_worker_exits_when_the_driver_dies():
     "`--workers N` runs grid points in worker processes; `_guard_parent` makes one exit as soon as its driver is killed."
-    child = ("import time; from pipeline_lib.driver.runner import _guard_parent; _guard_parent(); print('guarded', flush=True); "
+    child = ("import time; from pipeline_lib.driver.execute import _guard_parent; _guard_parent(); print('guarded', flush=True); "
              "time.sleep(60)")
     code = (f"import subprocess, sys, time\np = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
             "print(p.pid, flush=True); time.sleep(60)")

@@ -1,4 +1,4 @@
-"""The batch driver (run_notebooks.py / pipeline_lib.driver.runner).
+"""The batch driver (run_notebooks.py / pipeline_lib.driver).
 
 Every driver run here happens in a scratch repo root (a copy of settings.ini and configs/ under a tmp folder,
 selected with PIPELINE_ROOT), so the real metadata/, output/, reports/ and logs/ are never touched. One quick run
@@ -21,16 +21,18 @@ import pytest
 import yaml
 
 from pipeline_lib.core.artifacts import ArtifactWriter
-from pipeline_lib.core.config import PipelineError, config_hash, load_settings
-from pipeline_lib.driver.runner import (
-    RUN_KEYS, ConfigError, DependencyError, NotebookError, Options, check_notebook, discover_phases, flatten, grid_run_name,
-    parse_assignment, parse_grid, plan_runs, range_problems, report_problems, target_problems, type_problems,
-    unknown_keys, write_demo_phase)
+from pipeline_lib.core.config import DependencyError, PipelineError, config_hash, flatten, load_settings
+from pipeline_lib.driver.demo import write_demo_phase
+from pipeline_lib.driver.errors import ConfigError, NotebookError
+from pipeline_lib.driver.notebooks import check_notebook, discover_phases
+from pipeline_lib.driver.plan import Options, grid_run_name, plan_runs
+from pipeline_lib.driver.reports import RUN_KEYS, report_problems
+from pipeline_lib.driver.schema import (parse_assignment, parse_grid, range_problems, target_problems, type_problems,
+                                        unknown_keys)
+from synthetic import realistic_bars
 
 REPO = load_settings()['root']
 DRIVER = REPO/'run_notebooks.py'
-REAL_PHASE1 = sorted((REPO/'nbs').glob('10_phase1*.ipynb'))
-REAL_PHASE2 = sorted((REPO/'nbs').glob('20_phase2*.ipynb'))
 FAST_S = 10.0  # bad input must fail within this (the import of the driver included)
 
 
@@ -73,20 +75,17 @@ def assert_no_kernel(root: Path, p):
 # ---------------------------------------------------------------------------------------------- the shared quick run
 @pytest.fixture(scope='session')
 def quick(tmp_path_factory):
-    """One quick run shared by the report tests: Phase 1 and, once written, Phase 2 (the real notebooks; a tiny
-    stand-in for Phase 1 before it exists). Phase 3 is left out to keep the suite fast."""
+    "One quick run shared by the report tests: Phase 1 and 2 of the real notebooks. Phase 3 is left out to keep the suite fast."
     root = make_root(tmp_path_factory.mktemp('quick'))
-    nbs = REPO/'nbs' if REAL_PHASE1 else demo_nbs(tmp_path_factory.mktemp('quick_nbs'))
-    phases = ['1', '2'] if REAL_PHASE1 and REAL_PHASE2 else ['1']
     nbs_before = sorted(p.name for p in (REPO/'nbs').iterdir())
-    p, secs = drive(root, '--config', 'configs/quick.yaml', '--phases', *phases, '--run-name', 'quick', '--nbs-dir', nbs)
+    p, secs = drive(root, '--config', 'configs/quick.yaml', '--phases', '1', '2', '--run-name', 'quick', '--nbs-dir', REPO/'nbs')
     assert p.returncode == 0, p.stdout + p.stderr
     assert sorted(p.name for p in (REPO/'nbs').iterdir()) == nbs_before  # nothing executed lands in nbs/
     print(f'quick run: {secs:.1f} s')
-    return {'root': root, 'run': root/'reports'/'quick', 'proc': p, 'seconds': secs, 'real': bool(REAL_PHASE1),
-            'phases2': '2' in phases}
+    return {'root': root, 'run': root/'reports'/'quick', 'proc': p, 'seconds': secs}
 
 
+@pytest.mark.e2e
 def test_quick_run_writes_the_promised_reports(quick):
     run = quick['run']
     cfg = yaml.safe_load((run/'config.yaml').read_text())
@@ -97,7 +96,7 @@ def test_quick_run_writes_the_promised_reports(quick):
     assert r['name'] == 'quick' and r['status'] == 'ok' and r['data'] == 'embedded' and r['primary_target'] == 'fwd_ret_5m'
     assert r['config_hash'] == config_hash(cfg) and r['seconds'] > 0
     assert all(ph['status'] == 'ok' for ph in r['phases'].values()) and r['config_diff'] == flatten(yaml.safe_load((REPO/'configs'/'quick.yaml').read_text()))
-    assert 'phase1' in m and ('phase2' in m) == quick['phases2']  # each phase merged its own key next to the driver's
+    assert 'phase1' in m and 'phase2' in m  # each phase merged its own key next to the driver's
     assert all((run/ph['html']).exists() for ph in r['phases'].values())
     assert report_problems(run) == []
     env = json.loads((run/'environment.json').read_text())
@@ -122,6 +121,7 @@ def visible_text(html: str) -> str:
     return _html.unescape(re.sub(r'<[^>]+>', '', body))
 
 
+@pytest.mark.e2e
 def test_report_html_is_self_contained_and_hides_plumbing(quick):
     html = next(quick['run'].glob('phase1_*.html')).read_text()
     text = visible_text(html)
@@ -133,19 +133,18 @@ def test_report_html_is_self_contained_and_hides_plumbing(quick):
     params = next(c for c in nb['cells'] if 'parameters' in c['metadata'].get('tags', []))
     first = next(l for l in ''.join(params['source']).splitlines() if '=' in l and not l.lstrip().startswith('#'))
     assert first.split('#')[0].strip() not in text  # the parameters cell's input is hidden
-    assert 'A tiny phase' in text or quick['real']  # while the rest of the notebook is there
 
 
+@pytest.mark.e2e
 def test_phase1_report_has_shap_regime_and_overfitting_figures(quick):
-    if not quick['real']: pytest.skip('nbs/10_phase1_*.ipynb is not written yet')
     html = next(quick['run'].glob('phase1_*.html')).read_text()
     assert html.count('data:image/png;base64') >= 3
     for word in ('SHAP', 'regime', 'overfit'):
         assert re.search(word, html, re.I), f'no {word!r} in the Phase 1 report'
 
 
+@pytest.mark.e2e
 def test_phase2_alone_reuses_verified_phase1_artifacts_of_the_same_config(quick):
-    if not quick['phases2']: pytest.skip('nbs/20_phase2_*.ipynb is not written yet')
     p, secs = drive(quick['root'], '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run', '--nbs-dir', REPO/'nbs')
     assert p.returncode == 0 and 'phase 2:' in p.stdout, p.stderr  # the quick run's metadata/ verifies and matches
     p, secs = drive(quick['root'], '--config', 'configs/quick.yaml', '--phases', '2', '--set', 'phase1.n_features=7',
@@ -153,10 +152,9 @@ def test_phase2_alone_reuses_verified_phase1_artifacts_of_the_same_config(quick)
     assert p.returncode == 2 and secs < FAST_S and 'phase1.n_features' in p.stderr and '--phases 1 2' in p.stderr
 
 
+@pytest.mark.e2e
 def test_predictions_parquet_matches_the_contract(quick):
-    pp = quick['run']/'predictions.parquet'
-    if not pp.exists(): pytest.skip('no phase of the quick run writes predictions.parquet yet')
-    df = pd.read_parquet(pp)
+    df = pd.read_parquet(quick['run']/'predictions.parquet')
     assert {'symbol', 'timestamp', 'split'} <= set(df.columns)
     assert set(df['split'].unique()) <= {'train', 'valid', 'test'}
     assert not df.duplicated(['symbol', 'timestamp']).any()
@@ -169,6 +167,7 @@ def test_predictions_parquet_matches_the_contract(quick):
 
 
 # ---------------------------------------------------------------------------------------------------- runs of a grid
+@pytest.mark.e2e
 def test_grid_makes_separate_runs_and_one_index(tmp_path):
     root, nbs = make_root(tmp_path/'root'), demo_nbs(tmp_path/'nbs')
     p, _ = drive(root, '--config', 'configs/quick.yaml', '--phases', '1', '--run-name', 'g',
@@ -190,6 +189,7 @@ def test_grid_makes_separate_runs_and_one_index(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- failing fast on input
+@pytest.mark.slow
 def test_bad_set_key_fails_fast_with_nearest_key(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--set', 'phase1.n_featurs=30', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -198,6 +198,7 @@ def test_bad_set_key_fails_fast_with_nearest_key(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_wrong_type_and_range_fail_fast(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--set', 'phase1.n_features=ten', '--set', 'split.train=1.5', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -206,6 +207,7 @@ def test_wrong_type_and_range_fail_fast(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_missing_data_dir_fails_fast(tmp_path):
     root = make_root(tmp_path/'root')
     missing = tmp_path/'no_such_bars'
@@ -215,6 +217,7 @@ def test_missing_data_dir_fails_fast(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_unreadable_data_fails_fast_with_load_bars_message(tmp_path):
     root = make_root(tmp_path/'root')
     bad = tmp_path/'bars'; bad.mkdir()
@@ -225,9 +228,10 @@ def test_unreadable_data_fails_fast_with_load_bars_message(tmp_path):
     assert_no_kernel(root, p)
 
 
-def test_daily_data_needs_a_daily_target(tmp_path, make_bars):
+@pytest.mark.slow
+def test_daily_data_needs_a_daily_target(tmp_path):
     root = make_root(tmp_path/'root')
-    bars = make_bars(n_symbols=2, n_bars=150, interval='1D', bars_per_day=1, missing=0.0)
+    bars = realistic_bars(n_symbols=2, n_bars=150, interval='1D', bars_per_day=1, missing=0.0)
     d = tmp_path/'daily'; d.mkdir()
     bars.to_csv(d/'bars.csv', index=False)
     p, secs = drive(root, '--data-dir', d, '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -238,6 +242,7 @@ def test_daily_data_needs_a_daily_target(tmp_path, make_bars):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_phase2_without_phase1_artifacts_stops_with_a_clear_message(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--phases', '2', '--nbs-dir', demo_nbs(tmp_path/'nbs'))
@@ -246,6 +251,7 @@ def test_phase2_without_phase1_artifacts_stops_with_a_clear_message(tmp_path):
     assert_no_kernel(root, p)
 
 
+@pytest.mark.slow
 def test_notebook_without_parameters_tag_is_refused(tmp_path):
     root = make_root(tmp_path/'root')
     nbs = tmp_path/'nbs'
@@ -265,6 +271,7 @@ def test_notebook_missing_an_injected_parameter_is_refused(tmp_path):
         check_notebook(ph, ('config_path', 'run_name'))
 
 
+@pytest.mark.slow
 def test_dry_run_checks_and_writes_nothing(tmp_path):
     root = make_root(tmp_path/'root')
     p, secs = drive(root, '--config', 'configs/quick.yaml', '--grid', 'phase1.n_features=5,8', '--run-name', 'd',
@@ -276,6 +283,7 @@ def test_dry_run_checks_and_writes_nothing(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- a failing phase
+@pytest.mark.e2e
 def test_failing_phase_stops_its_dependents_and_is_rendered(tmp_path):
     root = make_root(tmp_path/'root')
     nbs = demo_nbs(tmp_path/'nbs', body1="raise ValueError('boom in phase one')")
@@ -359,9 +367,9 @@ def test_report_problems_catches_contract_breaks(tmp_path):
     assert "split labels ['oops']" in probs and 'duplicate' in probs and 'no realised target column fwd_ret_5m' in probs
 
 
+@pytest.mark.e2e
 def test_readme_checklist_commands_work_on_a_run(quick, tmp_path):
     "Every command of the README's verification checklist runs, as written, in a run's root and says what it promises."
-    if not quick['phases2']: pytest.skip('the checklist needs Phase 1 and Phase 2')
     text = (REPO/'README.md').read_text()
     block = text.split('<!-- checklist:start -->')[1].split('<!-- checklist:end -->')[0]
     commands = [l for l in block.strip().strip('`').splitlines() if l.strip() and not l.startswith(('```', 'bash'))]

@@ -146,6 +146,7 @@ SMALL = {'lstm': {'hidden_size': 32, 'num_layers': 1, 'dropout': 0.0},
          'cnn1d': {'channels': 16, 'dilations': [1, 2, 4]}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', list(MODELS))
 def test_every_model_learns_a_signal_only_a_window_shows(name):
     X, y, sym, lab = lagged_panel()

@@ -8,23 +8,7 @@ from hypothesis import strategies as st
 from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import DataError
 from pipeline_lib.data.splits import make_split, purged_walk_forward, split_summary
-
-
-def make_bars(seed, n_symbols=3, n_ts=400, p_missing=0.2, holes=1, delist=False, daily_break=130):
-    """Minute bars for a few symbols with random missing bars, `holes` long halts per symbol, overnight breaks;
-    with `delist`, the first symbol stops trading somewhere in the middle."""
-    rng = np.random.default_rng(seed)
-    minutes = np.arange(n_ts) + (np.arange(n_ts) // daily_break) * 1000  # a jump every `daily_break` bars
-    grid = pd.Timestamp('2024-01-02 09:30') + pd.to_timedelta(minutes, 'min')
-    frames = []
-    for i in range(n_symbols):
-        keep = rng.random(n_ts) >= p_missing
-        for _ in range(holes):
-            a = rng.integers(0, n_ts); keep[a:a + rng.integers(1, n_ts // 6 + 2)] = False
-        if delist and i == 0 and n_symbols > 1: keep[int(rng.uniform(0.3, 0.9) * n_ts):] = False
-        frames.append(pd.DataFrame({'symbol': f'S{i}', 'timestamp': grid[keep],
-                                    'close': rng.normal(100, 1, keep.sum())}))
-    return pd.concat(frames, ignore_index=True)
+from synthetic import close_layout
 
 
 def label_ends(bars, horizon):
@@ -60,7 +44,7 @@ def check_split(bars, split, horizon, lookback):
        horizon=st.integers(0, 12), lookback=st.integers(0, 12),
        fracs=st.sampled_from([(0.6, 0.2, 0.2), (0.5, 0.25, 0.25), (0.7, 0.15, 0.15), (0.34, 0.33, 0.33)]))
 def test_split_never_leaks_across_splits(seed, n_symbols, n_ts, p_missing, holes, delist, horizon, lookback, fracs):
-    bars = make_bars(seed, n_symbols, n_ts, p_missing, holes, delist)
+    bars = close_layout(seed, n_symbols, n_ts, p_missing, holes, delist)
     try:
         split = make_split(bars, *fracs, horizon=horizon, lookback=lookback)
     except PipelineError as e:  # only for data too short for the gaps, or that leaves a split with no rows at all
@@ -74,7 +58,7 @@ def test_split_never_leaks_across_splits(seed, n_symbols, n_ts, p_missing, holes
 
 @pytest.mark.parametrize('seed', range(8))
 def test_reasonable_data_gives_nonempty_splits_in_proportion(seed):
-    bars = make_bars(seed, n_symbols=5, n_ts=2000, p_missing=0.1, holes=1)
+    bars = close_layout(seed, n_symbols=5, n_ts=2000, p_missing=0.1, holes=1)
     split = make_split(bars, horizon=30, lookback=32)
     check_split(bars, split, 30, 32)
     n = split.value_counts()
@@ -84,7 +68,7 @@ def test_reasonable_data_gives_nonempty_splits_in_proportion(seed):
 
 
 def test_full_grid_needs_no_purge_and_gaps_are_exact():
-    bars = make_bars(0, n_symbols=3, n_ts=300, p_missing=0.0, holes=0)
+    bars = close_layout(0, n_symbols=3, n_ts=300, p_missing=0.0, holes=0)
     split = make_split(bars, 0.6, 0.2, 0.2, horizon=5, lookback=7)
     assert split.attrs['purged_rows'] == 0
     per_ts = split.groupby(bars['timestamp']).agg(lambda s: s.unique().tolist())
@@ -96,7 +80,7 @@ def test_full_grid_needs_no_purge_and_gaps_are_exact():
 
 
 def test_split_depends_only_on_symbol_and_timestamp():
-    bars = make_bars(3, n_symbols=4, n_ts=600, p_missing=0.3)
+    bars = close_layout(3, n_symbols=4, n_ts=600, p_missing=0.3)
     split = make_split(bars, horizon=8, lookback=6)
     assert split.equals(make_split(bars, horizon=8, lookback=6))
     noisy = bars.assign(close=np.random.default_rng(1).normal(size=len(bars)), fwd_ret_5m=1.0)
@@ -113,7 +97,7 @@ def test_split_depends_only_on_symbol_and_timestamp():
 
 def test_purge_catches_a_halt_across_the_boundary():
     "A symbol halted across the train|valid gap: its last train labels and first valid lookbacks reach across."
-    bars = make_bars(0, n_symbols=2, n_ts=500, p_missing=0.0, holes=0)
+    bars = close_layout(0, n_symbols=2, n_ts=500, p_missing=0.0, holes=0)
     plain = make_split(bars, horizon=10, lookback=10)
     ts = bars.timestamp
     first_valid = ts[plain == 'valid'].min()
@@ -139,13 +123,13 @@ def test_purge_catches_a_halt_across_the_boundary():
     (dict(horizon=100, lookback=100), r'400 unique timestamps available.*need at least 403'),
 ])
 def test_bad_arguments_raise(kwargs, match):
-    bars = make_bars(0, n_symbols=2, n_ts=400, p_missing=0.0, holes=0)
+    bars = close_layout(0, n_symbols=2, n_ts=400, p_missing=0.0, holes=0)
     with pytest.raises(PipelineError, match=match):
         make_split(bars, **kwargs)
 
 
 def test_implied_test_fraction_and_bad_bars():
-    bars = make_bars(0, n_symbols=2, n_ts=400, p_missing=0.0, holes=0)
+    bars = close_layout(0, n_symbols=2, n_ts=400, p_missing=0.0, holes=0)
     assert make_split(bars, 0.6, 0.2, None, 5, 5).equals(make_split(bars, 0.6, 0.2, 0.2, 5, 5))
     with pytest.raises(DataError, match="row 3"):
         make_split(bars.assign(timestamp=bars.timestamp.where(bars.index != 3)), horizon=5, lookback=5)
@@ -154,7 +138,7 @@ def test_implied_test_fraction_and_bad_bars():
 
 
 def test_split_summary_accounts_for_every_row():
-    bars = make_bars(5, n_symbols=3, n_ts=600, p_missing=0.2)
+    bars = close_layout(5, n_symbols=3, n_ts=600, p_missing=0.2)
     split = make_split(bars, horizon=5, lookback=5)
     summ = split_summary(split, bars)
     assert list(summ.index) == ['train', 'valid', 'test', 'gap']
@@ -181,7 +165,7 @@ def wf_label_ends(ts, symbols, horizon):
 def test_walk_forward_folds_are_purged(seed, n_symbols, n_ts, p_missing, holes, delist, n_folds, horizon, embargo,
                                        expanding, min_train_frac):
     "A symbol that stops inside the rows given has open-ended label windows: what follows is not in view."
-    bars = make_bars(seed, n_symbols, n_ts, p_missing, holes, delist)
+    bars = close_layout(seed, n_symbols, n_ts, p_missing, holes, delist)
     ts, sym = bars['timestamp'].to_numpy(), bars['symbol'].to_numpy()
     try:
         folds = list(purged_walk_forward(bars['timestamp'], bars['symbol'], n_folds=n_folds, horizon=horizon,
@@ -213,7 +197,7 @@ def test_walk_forward_folds_are_purged(seed, n_symbols, n_ts, p_missing, holes, 
 
 
 def test_walk_forward_rolling_window_is_fixed_and_symbols_matter():
-    bars = make_bars(1, n_symbols=3, n_ts=400, p_missing=0.3, holes=1)
+    bars = close_layout(1, n_symbols=3, n_ts=400, p_missing=0.3, holes=1)
     ts = bars['timestamp'].to_numpy()
     u = np.unique(ts)
     for tr, va in purged_walk_forward(bars.timestamp, bars.symbol, n_folds=4, horizon=5, expanding=False,

@@ -10,7 +10,7 @@ from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import DataError
 from pipeline_lib.data.targets import (PATH_TARGETS, barrier_sigma, build_targets, demean_by_timestamp, demean_fallback_rows,
                                   demean_returns, fitting_targets, max_horizon, target_horizon_bars, target_names)
-from conftest import random_bars as conftest_bars
+from synthetic import ohlc_walk, ragged_bars, realistic_bars
 
 PATH_COLS = ['mfe', 'mdd', 'tth', 'tth_side']
 
@@ -77,45 +77,6 @@ def ref_targets(bars, horizons, H, k, W, max_gap_bars):
     return res
 
 
-# ---------------------------------------------------------------- random data
-def _ohlc(rng, n, vol, start=None):
-    start = rng.uniform(20, 200) if start is None else start
-    c = start * np.exp(np.cumsum(rng.normal(0, vol, n) + rng.normal(0, 4 * vol, n) * (rng.random(n) < 0.03)))
-    o = np.r_[start, c[:-1]] * np.exp(rng.normal(0, vol / 4, n))
-    wick = np.abs(rng.normal(0, vol, (2, n))) * np.where(rng.random(n) < 0.04, 8, 1)  # some very wide bars
-    return o, np.maximum(o, c) * np.exp(wick[0]), np.minimum(o, c) * np.exp(-wick[1]), c
-
-
-def random_bars(seed, n_symbols=4, max_days=5, with_short_symbol=True, missing=0.05):
-    "1-minute bars: random-length sessions (some shorter than H), missing bars, halts, nights, weekends."
-    rng = np.random.default_rng(seed)
-    frames = []
-    for s in range(n_symbols):
-        stamps, day = [], pd.Timestamp('2024-01-02')
-        for _ in range(rng.integers(2, max_days + 1)):
-            length = int(rng.integers(3, 25) if rng.random() < 0.3 else rng.integers(40, 140))
-            minutes = np.arange(length)
-            if length > 40 and rng.random() < 0.5:  # a halt: 20-40 min (splits) or 5-12 min (does not, at 15)
-                cut = rng.integers(10, length - 10)
-                minutes = minutes + (minutes >= cut) * (rng.integers(20, 40) if rng.random() < 0.5 else rng.integers(5, 12))
-            minutes = minutes[(rng.random(minutes.size) > missing) | (np.arange(minutes.size) < 2)]
-            stamps.append(day + pd.Timedelta('9h30min') + pd.to_timedelta(minutes + int(rng.integers(0, 30)), 'min'))
-            day += pd.Timedelta(days=int(rng.choice([1, 1, 1, 3, 4])))
-        ts = stamps[0].append(stamps[1:])
-        o, h, l, c = _ohlc(rng, len(ts), rng.uniform(3e-4, 3e-3))
-        frames.append(pd.DataFrame({'symbol': f'S{s}', 'timestamp': ts, 'open': o, 'high': h, 'low': l, 'close': c,
-                                    'volume': rng.integers(1, 1000, len(ts)).astype(float)}))
-    if with_short_symbol:  # ends before any window fills
-        ts = pd.date_range('2024-01-05 10:00', periods=12, freq='1min')
-        o, h, l, c = _ohlc(rng, 12, 1e-3)
-        frames.append(pd.DataFrame({'symbol': 'ZZ', 'timestamp': ts, 'open': o, 'high': h, 'low': l, 'close': c,
-                                    'volume': 1.0}))
-    bars = pd.concat(frames, ignore_index=True)
-    bars['timestamp'] = bars['timestamp'].astype('datetime64[ns]')
-    bars['user_feature'] = rng.normal(size=len(bars))
-    return bars
-
-
 def assert_matches_reference(bars, horizons, H, k, W, gap):
     got = build_targets(bars, horizons=horizons, path_horizon=H, barrier_k=k, vol_window=W, max_gap_bars=gap)
     ref = ref_targets(bars, horizons, H, k, W, gap)
@@ -135,14 +96,14 @@ def assert_matches_reference(bars, horizons, H, k, W, gap):
     (3, (2,), 5, 0.3, 4, 15),            # tiny barriers: side -1 from one-bar double touches is common
 ])
 def test_every_target_matches_plain_loop_reference(seed, horizons, H, k, W, gap):
-    bars = random_bars(seed, missing=0.01)   # few enough holes that H-bar windows without one are common
+    bars = ragged_bars(seed, missing=0.01)   # few enough holes that H-bar windows without one are common
     got = assert_matches_reference(bars, horizons, H, k, W, gap)
     side = got['tth_side'].dropna()
     assert got['mfe'].notna().sum() > 50 and set(side.unique()) == {-1.0, 0.0, 1.0}  # the data exercises all cases
 
 
 def test_targets_are_nan_exactly_where_the_horizon_is_incomplete():
-    bars = random_bars(5)
+    bars = ragged_bars(5)
     sess, _ = ref_sessions(bars, 15)
     # runs: stretches of a session without a missing bar (each bar one minute after the last)
     run = np.cumsum(np.r_[True, (np.diff(sess) != 0) | (np.diff(bars['timestamp'].to_numpy()) != np.timedelta64(1, 'm'))])
@@ -162,9 +123,9 @@ def test_targets_are_nan_exactly_where_the_horizon_is_incomplete():
     assert (got[PATH_COLS].isna().nunique(axis=1) == 1).all()  # the four path targets share their rows
 
 
-def test_missing_minutes_match_the_reference_on_conftest_bars():
+def test_missing_minutes_match_the_reference_on_realistic_bars():
     "The shared random bars (1% of minutes dropped, staggered symbols, nights): every target equals the plain loop."
-    bars = conftest_bars(n_symbols=3, n_bars=900, seed=4)
+    bars = realistic_bars(n_symbols=3, n_bars=900, seed=4)
     steps = bars.groupby('symbol')['timestamp'].diff()
     assert (steps.between(pd.Timedelta('2min'), pd.Timedelta('15min'))).sum() >= 10   # holes inside sessions
     got = assert_matches_reference(bars, (5, 17), 30, 2.0, 60, 15)
@@ -325,7 +286,7 @@ def test_daily_bars_have_one_session_per_symbol_and_day_names():
     days = days[:50].append(days[50:] + pd.Timedelta(days=30))  # a month-long halt: still one session
     frames = []
     for s in 'AB':
-        o, h, l, c = _ohlc(rng, days.size, 0.02)
+        o, h, l, c = ohlc_walk(rng, days.size, 0.02)
         frames.append(pd.DataFrame({'symbol': s, 'timestamp': days.astype('datetime64[ns]'), 'open': o, 'high': h,
                                     'low': l, 'close': c, 'volume': 1.0}))
     bars = pd.concat(frames, ignore_index=True)
@@ -359,7 +320,7 @@ def test_names_and_horizons():
 
 
 def test_targets_depend_only_on_their_symbols_window_of_high_low_close():
-    bars = random_bars(7, n_symbols=3, max_days=3)
+    bars = ragged_bars(7, n_symbols=3, max_days=3)
     kw = dict(horizons=(5,), path_horizon=12, barrier_k=1.0, vol_window=15, max_gap_bars=15)
     base = build_targets(bars, **kw)
     sess, _ = ref_sessions(bars, 15)
@@ -393,7 +354,7 @@ def test_targets_depend_only_on_their_symbols_window_of_high_low_close():
 
 
 def test_input_is_not_modified_and_index_is_kept():
-    bars = random_bars(11, n_symbols=2, max_days=2)
+    bars = ragged_bars(11, n_symbols=2, max_days=2)
     before = bars.copy()
     got = build_targets(bars)
     pd.testing.assert_frame_equal(bars, before)

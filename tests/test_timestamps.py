@@ -7,20 +7,14 @@ import pandas as pd
 import pytest
 
 from pipeline_lib.data.load import DataError, describe_load, load_bars, load_options, load_summary
+from synthetic import walk_bars
 
 SYMBOLS = ('AAA', 'BBB', 'CCC')
 
 
 def write_bars(path, stamps, symbols=SYMBOLS, **extra):
     "A CSV whose timestamp column holds `stamps` (the same list for every symbol), with valid OHLCV; returns `path`."
-    rng = np.random.default_rng(0)
-    n, frames = len(stamps), []
-    for sym in symbols:
-        c = 100 * np.exp(np.cumsum(rng.normal(0, 1e-3, n)))
-        o = np.r_[100.0, c[:-1]]
-        frames.append(pd.DataFrame({'symbol': sym, 'timestamp': list(stamps), 'open': o, 'high': np.maximum(o, c) * 1.001,
-                                    'low': np.minimum(o, c) * 0.999, 'close': c, 'volume': 100.0, **extra}))
-    pd.concat(frames, ignore_index=True).to_csv(path, index=False)
+    walk_bars(symbols, timestamps=stamps).assign(**extra).to_csv(path, index=False)
     return path
 
 
@@ -162,6 +156,7 @@ def test_extra_columns_are_read_only_when_listed(tmp_path):
 
 # ---- the driver reads the files with the config's settings, before any kernel starts ------------------------------
 
+@pytest.mark.slow
 def test_driver_refuses_an_ambiguous_file_fast_and_accepts_it_with_dayfirst(tmp_path):
     from test_runner import FAST_S, assert_no_kernel, demo_nbs, drive, make_root
     root = make_root(tmp_path/'root')

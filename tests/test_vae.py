@@ -96,6 +96,7 @@ def test_transform_shape_dtype_and_input_checks():
         VAEEncoder(**FAST).fit(bad)
 
 
+@pytest.mark.slow
 def test_pickle_round_trip_gives_identical_output(tmp_path, fitted):
     X, v = fitted
     joblib.dump(v, tmp_path / 'vae.joblib')
@@ -121,6 +122,7 @@ def test_sklearn_clone_and_params():
     assert c.fit(X).transform(X).shape == (800, 2)
 
 
+@pytest.mark.slow
 def test_latent_carries_information(fitted):
     X, v = fitted
     k = v.n_holdout_rows_

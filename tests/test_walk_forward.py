@@ -122,6 +122,7 @@ def small(tmp_path_factory):
     return cfg, root, p1.data
 
 
+@pytest.mark.e2e
 def test_every_learner_in_a_fold_sees_only_rows_whose_labels_end_before_its_block(small, monkeypatch, tmp_path):
     cfg, root, rd = small
     horizon = max_horizon(cfg['targets']['horizons'], cfg['targets']['path_horizon'])
@@ -193,6 +194,7 @@ def _planted_run_data(cfg):
     return rd, block
 
 
+@pytest.mark.e2e
 def test_a_signal_planted_where_the_main_phase1_overlaps_a_block_does_not_profit_walk_forward(tmp_path):
     cfg = load_config('configs/quick.yaml', PLANT)
     rd, block = _planted_run_data(cfg)

@@ -132,7 +132,36 @@ def batch_loader(ds: WindowDataset, batch_size: int = 256, *, shuffle: bool = Fa
 
 # %% ../../nbs/403_models.sequence.ipynb #5eff406c
 class LSTMRegressor(nn.Module):
-    "Stacked LSTM over the window; a linear head on the last step's output."
+    """Stacked LSTM over a window of bars; a linear head on the last step's output gives one prediction per window.
+
+    Parameters
+    ----------
+    n_features : int
+        Features per bar.
+    hidden_size : int, default=128
+        LSTM hidden units per layer.
+    num_layers : int, default=2
+        Stacked LSTM layers.
+    dropout : float, default=0.3
+        Dropout between LSTM layers (when there are two or more) and before the head.
+
+    Attributes
+    ----------
+    lstm : torch.nn.LSTM
+        The recurrent layers (batch first).
+    drop : torch.nn.Dropout
+        Dropout before the head.
+    head : torch.nn.Linear
+        hidden_size -> 1.
+
+    Examples
+    --------
+    Eight windows of 32 bars with 5 features each give eight predictions:
+
+    >>> import torch
+    >>> LSTMRegressor(n_features=5, hidden_size=16, num_layers=1)(torch.randn(8, 32, 5)).shape
+    torch.Size([8])
+    """
     def __init__(self, n_features: int, hidden_size: int = 128, num_layers: int = 2, dropout: float = 0.3):
         super().__init__()
         self.lstm = nn.LSTM(int(n_features), int(hidden_size), int(num_layers), batch_first=True,
@@ -156,7 +185,52 @@ def sinusoidal_encoding(length: int, d_model: int) -> torch.Tensor:
 POOLINGS = ('last', 'mean', 'cls')
 
 class TransformerRegressor(nn.Module):
-    "Transformer encoder over the window: projection + sinusoidal positions, pre-norm layers, pooling last|mean|cls."
+    """Transformer encoder over a window of bars, one prediction per window.
+
+    Each bar is projected to `d_model` and given a fixed sinusoidal position counted back from the last bar; pre-norm
+    encoder layers (GELU) follow, then pooling, a LayerNorm and a linear head.
+
+    Parameters
+    ----------
+    n_features : int
+        Features per bar.
+    lookback : int, default=32
+        Window length the positional encoding is precomputed for (longer windows get one computed on the fly).
+    d_model : int, default=64
+        Width of the encoder; a multiple of `n_heads`.
+    n_heads : int, default=4
+        Attention heads.
+    n_layers : int, default=2
+        Encoder layers.
+    dim_feedforward : int, default=128
+        Width of each layer's feed-forward block.
+    dropout : float, default=0.1
+        Dropout inside the encoder layers.
+    pooling : {'last', 'mean', 'cls'}, default='last'
+        What the head reads: the last bar's output, the mean over the window, or a learned [CLS] token's output.
+
+    Attributes
+    ----------
+    proj : torch.nn.Linear
+        n_features -> d_model.
+    pe : torch.Tensor
+        The (lookback, d_model) positional encoding (a non-persistent buffer).
+    encoder : torch.nn.TransformerEncoder
+        The encoder layers (batch first).
+    norm : torch.nn.LayerNorm
+        Normalisation of the pooled output.
+    head : torch.nn.Linear
+        d_model -> 1.
+    cls : torch.nn.Parameter or None
+        The learned [CLS] token of shape (1, 1, d_model) with `pooling='cls'`, else None.
+
+    Examples
+    --------
+    >>> import torch
+    >>> model = TransformerRegressor(n_features=5, lookback=32, d_model=16, n_heads=2, pooling='cls')
+    >>> model(torch.randn(8, 32, 5)).shape, tuple(model.cls.shape)
+    (torch.Size([8]), (1, 1, 16))
+    """
     def __init__(self, n_features: int, lookback: int = 32, d_model: int = 64, n_heads: int = 4, n_layers: int = 2,
                  dim_feedforward: int = 128, dropout: float = 0.1, pooling: str = 'last'):
         super().__init__()
@@ -205,7 +279,44 @@ def receptive_field(kernel_size: int, dilations) -> int:
     return 1 + 2 * (int(kernel_size) - 1) * int(sum(int(d) for d in dilations))
 
 class CNN1DRegressor(nn.Module):
-    "Dilated causal CNN with residual blocks; the prediction is the last bar's output."
+    """Dilated causal CNN over a window of bars (a temporal convolutional network); the prediction is read from the
+    last bar's output, which sees the whole window.
+
+    Parameters
+    ----------
+    n_features : int
+        Features per bar.
+    lookback : int, default=32
+        Window length; the receptive field must cover it (an error otherwise).
+    channels : int, default=64
+        Channels of every convolution.
+    kernel_size : int, default=3
+        Kernel width of the causal convolutions.
+    dilations : sequence of int, default=(1, 2, 4, 8)
+        One residual block (two causal convolutions) per dilation.
+    dropout : float, default=0.1
+        Dropout after each convolution.
+
+    Attributes
+    ----------
+    receptive_field : int
+        Bars the last output sees: 1 + 2 (kernel_size - 1) sum(dilations).
+    inp : torch.nn.Conv1d
+        1x1 convolution n_features -> channels.
+    blocks : torch.nn.Sequential
+        The `ResidualBlock`s.
+    head : torch.nn.Linear
+        channels -> 1.
+
+    Examples
+    --------
+    The default dilations see 61 bars, enough for a lookback of 32; a lookback of 64 would be refused.
+
+    >>> from torch import randn
+    >>> model = CNN1DRegressor(n_features=5, lookback=32, channels=8)
+    >>> model.receptive_field, model(randn(8, 32, 5)).shape
+    (61, torch.Size([8]))
+    """
     def __init__(self, n_features: int, lookback: int = 32, channels: int = 64, kernel_size: int = 3,
                  dilations=(1, 2, 4, 8), dropout: float = 0.1):
         super().__init__()
@@ -307,7 +418,47 @@ class _Timed:
 
 @dataclass
 class SequenceFit:
-    "A trained sequence model (best weights), how it was trained, and what limited it."
+    """A trained sequence model (best weights), how it was trained, and what limited it; `fit_sequence_model` returns it.
+
+    Attributes
+    ----------
+    name : str
+        The model: 'lstm', 'transformer' or 'cnn1d'.
+    model : torch.nn.Module
+        The network with its best epoch's weights, in eval mode.
+    arch, train : dict
+        Its architecture keys and its full training settings (`TRAIN_DEFAULTS` with the overrides).
+    lookback, n_features : int
+        Window length and features per bar.
+    target_mean, target_std : float
+        The training target's mean and std (the model learns the standardised target).
+    history : pandas.DataFrame
+        One row per epoch: losses, learning rate, seconds.
+    best_epoch, epochs_run : int
+        The epoch kept and the epochs trained.
+    stop_reason : str
+        'epochs' (max_epochs reached), 'patience' or 'time_limit'.
+    seconds, cpu_seconds : float
+        Wall time and process CPU time of the fit.
+    device : str
+        Where it trained.
+    num_threads : int
+        CPU threads used.
+    train_windows, valid_windows : int
+        Windows available for training and validation.
+    windows_per_epoch, valid_windows_used : int
+        Windows actually used per epoch and for validation (after `max_train_windows`, `max_valid_windows`).
+    windows_per_second : float
+        Training throughput (validation passes excluded).
+    n_parameters : int
+        Trainable parameters.
+    capped : dict
+        Which caps limited the fit.
+
+    Examples
+    --------
+    See `fit_sequence_model`.
+    """
     name: str
     model: nn.Module = field(repr=False)
     arch: dict
@@ -364,8 +515,49 @@ def predict_windows(model: nn.Module, X, ends, lookback: int, batch_size: int = 
 
 def fit_sequence_model(name: str, X, y, train_ends, valid_ends, lookback: int, *, arch: dict | None = None,
                        train: dict | None = None, progress: bool = True) -> SequenceFit:
-    """Train model `name` on the windows of `X` (rows x features) ending at `train_ends`, early-stopped on those ending
-    at `valid_ends`; `y` is the target per row of `X` (rows used must be finite)."""
+    """Train sequence model `name` on the windows of `X` ending at `train_ends`, early-stopped on those ending at
+    `valid_ends`.
+
+    A window is the `lookback` rows of `X` up to and including its end row; its target is `y` at the end row,
+    standardised with the training windows' mean and std (and clipped at `target_clip`). Training uses `fit_torch`
+    (AdamW, gradient clipping, LR schedule, early stopping; best weights restored).
+
+    Parameters
+    ----------
+    name : {'lstm', 'transformer', 'cnn1d'}
+        The model (`MODELS`).
+    X : array-like of shape (n_rows, n_features)
+        Features per row, symbols stacked (windows must not cross symbols: build the ends with `window_ends`).
+    y : array-like of shape (n_rows,)
+        Target per row; finite at every training and validation end.
+    train_ends, valid_ends : array-like of int
+        Positions of the rows that end the training and validation windows.
+    lookback : int
+        Window length in rows.
+    arch : dict, optional
+        Architecture keys of the model (`architecture_keys(name)`); its defaults otherwise.
+    train : dict, optional
+        Training settings over `TRAIN_DEFAULTS` (unknown keys are an error).
+    progress : bool, default=True
+        Show a progress bar.
+
+    Returns
+    -------
+    SequenceFit
+        The trained model and its record; `SequenceFit.predict(X, ends)` gives predictions in the target's units.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.normal(size=(300, 4)).astype(np.float32)
+    >>> y = X[:, 0] + 0.1 * rng.normal(size=300)
+    >>> fit = fit_sequence_model('lstm', X, y, np.arange(15, 240), np.arange(240, 300), lookback=16,
+    ...                          arch={'hidden_size': 8, 'num_layers': 1},
+    ...                          train={'max_epochs': 2, 'device': 'cpu', 'amp': False}, progress=False)
+    >>> fit.epochs_run, fit.predict(X, np.arange(240, 300)).shape
+    (2, (60,))
+    """
     s = train_settings(train)
     arch = dict(arch or {})
     X = as_float32_array(X)

@@ -26,7 +26,43 @@ __all__ = ['LGBM_PARAMS', 'LGBM_FIXED', 'EARLY_STOPPING_ROUNDS', 'RIDGE_ALPHAS',
 
 # %% ../../nbs/402_models.tabular.ipynb #cc44d54c
 class TabularScaler:
-    "Standardise numeric columns with training statistics (NaN -> 0, clipped at +/- `clip` sd) and one-hot `categorical` columns."
+    """Standardise numeric columns with training statistics and one-hot encode categorical ones.
+
+    Missing or non-finite values become 0 (the training mean) after scaling, and scaled values are clipped at
+    +/- `clip` standard deviations, so the output is finite everywhere.
+
+    Parameters
+    ----------
+    categorical : sequence of str, default=()
+        Columns to one-hot encode (one column per level seen in training); names absent from `X` are ignored.
+    clip : float or None, default=8.0
+        Clip scaled numeric values to [-clip, clip]; None or 0 does not clip.
+    max_levels : int, default=64
+        Most levels a categorical column may have; more is an error (it is probably not categorical).
+
+    Attributes
+    ----------
+    columns_ : list of str
+        The columns seen in `fit`; `transform` needs all of them.
+    numeric_, categorical_ : list of str
+        The standardised and the one-hot encoded columns.
+    mean_, scale_ : ndarray
+        Training mean and std per numeric column (0 and 1 for an all-NaN or constant column).
+    levels_ : dict
+        The training levels of each categorical column.
+    feature_names_out_ : list of str
+        Output column names: the numeric columns, then `col=level` per one-hot column.
+
+    Examples
+    --------
+    >>> import pandas as pd
+    >>> X = pd.DataFrame({'ret': [0.01, -0.02, None, 0.03], 'regime': [0, 1, 1, 2]})
+    >>> scaler = TabularScaler(categorical=['regime']).fit(X)
+    >>> scaler.feature_names_out_
+    ['ret', 'regime=0', 'regime=1', 'regime=2']
+    >>> scaler.transform(X).shape
+    (4, 4)
+    """
     def __init__(self, categorical=(), clip: float | None = 8.0, max_levels: int = 64):
         self.categorical, self.clip, self.max_levels = tuple(categorical), clip, int(max_levels)
 
@@ -86,7 +122,41 @@ EARLY_STOPPING_ROUNDS = 50
 
 @dataclass
 class LGBMFit:
-    "A fitted LightGBM regressor with what the report needs: curves, best iteration, timing, feature names."
+    """A fitted LightGBM regressor with what the report needs: curves, best iteration, timing, feature names.
+
+    `fit_lgbm` returns it; `predict` uses the best iteration and takes the columns it was fitted on by name.
+
+    Attributes
+    ----------
+    model : lightgbm.LGBMRegressor
+        The fitted regressor.
+    features : list of str
+        The columns it was fitted on, in order.
+    target : str or None
+        The target's name, for reports.
+    best_iteration, n_iterations : int
+        The iteration kept (early stopping on the validation rows) and the iterations run.
+    evals_result : dict
+        The loss per iteration on 'train' (and 'valid').
+    seconds : float
+        Training wall time; `seconds_per_iteration` divides it by `n_iterations`.
+    params : dict
+        The LightGBM parameters used (`LGBM_PARAMS`, the overrides, `LGBM_FIXED`, seed and threads).
+    categorical : list of str
+        The columns passed to LightGBM as categorical.
+    n_train, n_valid : int
+        Rows with a finite target it trained and early-stopped on.
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> X = pd.DataFrame(rng.normal(size=(600, 3)), columns=['a', 'b', 'c'])
+    >>> y = X['a'] + 0.1 * rng.normal(size=600)
+    >>> fit = fit_lgbm(X[:400], y[:400], X[400:], y[400:], params={'min_child_samples': 20, 'n_estimators': 50})
+    >>> fit.predict(X[400:]).shape, fit.importance().index[0]
+    ((200,), 'a')
+    """
     model: object = field(repr=False)
     features: list
     target: str | None
@@ -214,7 +284,82 @@ class MultiTaskLoss:
 
 # %% ../../nbs/402_models.tabular.ipynb #149515a7
 class MultiTaskModel:
-    "Scaled inputs -> `MultiTaskNet` trained with `fit_torch` -> predictions per head in target units."
+    """A multi-task neural regressor: one shared MLP trunk and one linear head per target, trained jointly.
+
+    Inputs are scaled by a `TabularScaler` fitted on the training rows and each head's target is standardised with
+    its training mean and std; `MultiTaskNet` is trained by `fit_torch` (AdamW, early stopping on the validation
+    loss, best weights restored). Rows whose target is NaN do not count in that head's loss. `predict` returns each
+    head in its target's units.
+
+    Parameters
+    ----------
+    heads : sequence of str
+        Target columns of `Y`, one output head each.
+    hidden : tuple of int, default=(128, 64)
+        Widths of the trunk's layers (Linear, SiLU, Dropout each).
+    dropout : float, default=0.1
+        Dropout after each trunk layer.
+    lr : float, default=1e-4
+        AdamW learning rate.
+    weight_decay : float, default=1e-2
+        AdamW weight decay.
+    epochs : int, default=60
+        Most training epochs.
+    patience : int or None, default=10
+        Epochs without a better validation loss before stopping; None trains all `epochs`.
+    batch_size : int, default=512
+        Training batch size.
+    loss_weights : {'fixed', 'uncertainty'} or dict, default='fixed'
+        How the heads' losses add up: equal weights, weights learned from each head's homoscedastic uncertainty
+        (Kendall et al. 2018), or a dict head -> weight (heads not in it weigh 1).
+    censored_head : str or None, default='tth'
+        The head whose target may be censored (time to hit a barrier, censored at the horizon when none was hit): on
+        rows flagged censored in `fit`, its loss only penalises predictions below the censoring point.
+    categorical : sequence of str, default=()
+        Input columns one-hot encoded instead of standardised.
+    seed : int, default=0
+        Seed of the initial weights and of the batch order.
+    device : str, default='auto'
+        Torch device to train on ('auto': CUDA when available, else the CPU).
+    max_seconds : float or None, default=None
+        Stop training after the epoch in which this many seconds have passed.
+
+    Attributes
+    ----------
+    scaler_ : TabularScaler
+        The input scaler fitted on the training rows.
+    y_mean_, y_scale_ : dict
+        Training mean and std of each head's target.
+    module_ : MultiTaskNet
+        The trained network (best epoch's weights, on the CPU, in eval mode).
+    history_ : pandas.DataFrame
+        One row per epoch: training and validation losses, learning rate, seconds.
+    best_epoch_ : int
+        The epoch whose weights were kept.
+    stop_reason_ : str
+        Why training stopped: 'epochs', 'patience' or 'callback' (`max_seconds`).
+    best_valid_loss_ : float or None
+        The validation loss of the best epoch (None without validation rows).
+    epochs_run_ : int
+        Epochs trained.
+    n_inputs_ : int
+        Width of the scaled input matrix.
+    fit_seconds_ : float
+        Wall time of `fit`.
+    head_weights_ : dict
+        Weight of each head's loss in the total (fixed, or learned with 'uncertainty').
+
+    Examples
+    --------
+    >>> import numpy as np, pandas as pd
+    >>> rng = np.random.default_rng(0)
+    >>> X = pd.DataFrame(rng.normal(size=(400, 3)), columns=['a', 'b', 'c'])
+    >>> Y = pd.DataFrame({'ret': X['a'] + 0.1 * rng.normal(size=400), 'vol': X['b'].abs()})
+    >>> model = MultiTaskModel(['ret', 'vol'], censored_head=None, epochs=3, device='cpu')
+    >>> model = model.fit(X[:300], Y[:300], X[300:], Y[300:])
+    >>> model.predict(X[300:]).shape
+    (100, 2)
+    """
     def __init__(self, heads, *, hidden=(128, 64), dropout: float = 0.1, lr: float = 1e-4, weight_decay: float = 1e-2,
                  epochs: int = 60, patience: int | None = 10, batch_size: int = 512, loss_weights='fixed',
                  censored_head: str | None = 'tth', categorical=(), seed: int = 0, device: str = 'auto',
@@ -300,7 +445,34 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 
 @dataclass
 class RidgeFit:
-    "A scaled ridge regression and how its penalty was chosen."
+    """A scaled ridge regression and how its penalty was chosen; `fit_ridge` returns it.
+
+    Attributes
+    ----------
+    scaler : TabularScaler
+        The input scaler fitted on the training rows with a finite target.
+    model : sklearn.linear_model.Ridge
+        The regression with the chosen penalty.
+    alpha : float
+        The chosen penalty.
+    valid_mse : dict
+        Validation MSE per candidate penalty (empty without validation rows).
+    target : str or None
+        The target's name, for reports.
+    seconds : float
+        Wall time of the fit.
+
+    Examples
+    --------
+    A straight line, where the smallest penalty wins:
+
+    >>> import numpy as np, pandas as pd
+    >>> X = pd.DataFrame({'a': np.linspace(-1, 1, 300), 'b': np.tile([0.0, 1.0], 150)})
+    >>> y = 2 * X['a']
+    >>> fit = fit_ridge(X[:200], y[:200], X[200:], y[200:], alphas=(0.1, 1e6))
+    >>> fit.alpha, fit.predict(X[200:]).shape
+    (0.1, (100,))
+    """
     scaler: TabularScaler = field(repr=False)
     model: object = field(repr=False)
     alpha: float
@@ -373,8 +545,36 @@ def day_blocks(timestamps, n_blocks: int = ENSEMBLE_FOLDS) -> np.ndarray:
 
 @dataclass
 class Ensemble:
-    """A fixed convex combination of named members' predictions for one target. `weights` are fitted on all validation
-    rows (used on test and in production); `folds` hold the out-of-fold weights of each validation day block."""
+    """A fixed convex combination of named members' predictions for one target; `fit_ensemble` returns it.
+
+    `weights` are fitted on all validation rows (used on test and in production); `folds` hold the out-of-fold
+    weights of each validation day block, so that the ensemble can also be scored out of sample on validation.
+
+    Attributes
+    ----------
+    members : list of str
+        The members' names, in the order of `weights`.
+    weights : list of float
+        Non-negative weights that sum to 1.
+    target : str or None
+        The target's name, for reports.
+    n_fit : int
+        Validation rows the weights were fitted on (all members and the target finite).
+    folds : list of dict
+        Per day block: its first and last timestamps, the weights fitted without it, and their row count.
+    purge_bars : int
+        Timestamps on each side of a block left out of its out-of-fold fit.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> y = np.array([0.0, 1, 2, 3])
+    >>> ens = fit_ensemble({'good': y, 'zero': np.zeros(4)}, y)
+    >>> ens.as_dict()
+    {'good': 1.0, 'zero': 0.0}
+    >>> ens.predict({'good': np.ones(2), 'zero': np.zeros(2)})
+    array([1., 1.])
+    """
     members: list
     weights: list
     target: str | None = None
