@@ -5,7 +5,7 @@ How the check works, and the bug each part catches:
 
 - **Static reads (AST).** Every module of `pipeline_lib` is parsed. An expression denotes a config path when it is
   a whole config (a variable named `cfg`/`config`, `load_config(...)`, `experiment_defaults()`), a section
-  (`config_defaults('phase1.vae')`, a phase's `phaseN_settings(cfg)`), or a string-literal subscript, `.get`,
+  (`config_defaults('phase1.vae')`, a phase's `phaseN_options(cfg)`), or a string-literal subscript, `.get`,
   `.pop` or `in` test on one of these (through `x or {}`, `dict(x)`, `deep_merge(x, ...)`, and through variables
   assigned from them in the same function or module). Every such read is a dotted path.
   * A read whose path is not in the YAML fails (*a typo'd read*, *a key renamed in code but not in the YAML*),
@@ -34,10 +34,10 @@ from pipeline_lib.core.schema import OPEN_SECTIONS
 PKG = Path(__file__).resolve().parents[1]/'pipeline_lib'
 ROOT_NAMES = {'cfg', 'config'}                       # variables that hold a whole run config
 ROOT_CALLS = {'load_config', 'experiment_defaults'}  # calls that return one
-SECTION_CALLS = {f'phase{n}_settings': f'phase{n}' for n in (1, 2, 3)}  # calls that return a merged section
+SECTION_CALLS = {f'phase{n}_options': f'phase{n}' for n in (1, 2, 3)}  # calls that return a merged section
 SAME_DICT_CALLS = {'dict', 'deep_merge', 'deepcopy'}  # calls whose result holds their first argument's keys
-# Modules where those names hold one section: the feature library's `cfg`/`config` is the `features` section.
-SECTION_NAMES = {'features/library.py': {'cfg': 'features', 'config': 'features'}}
+# Packages where those names hold one section: in the features layer `cfg`/`config` is the `features` section.
+SECTION_NAMES = {'features': {'cfg': 'features', 'config': 'features'}}
 
 
 def _str(node):
@@ -119,7 +119,7 @@ def code_reads():
     for path in sorted(PKG.rglob('*.py')):
         tree = ast.parse(path.read_text())
         scopes = [(tree, None)] + [(n, tree) for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-        module_env = {**SECTION_NAMES.get(str(path.relative_to(PKG)), {}), **_scope_env(tree, _own_nodes(tree), {})}
+        module_env = {**SECTION_NAMES.get(path.relative_to(PKG).parts[0], {}), **_scope_env(tree, _own_nodes(tree), {})}
         for scope, parent in scopes:
             nodes = _own_nodes(scope)
             env = module_env if parent is None else {**module_env, **_scope_env(scope, nodes, module_env)}

@@ -6,16 +6,17 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import fnmatch
 import json
 
-from .config import PipelineError, experiment_defaults, flatten
+from .config import PipelineError, config_defaults, deep_merge, experiment_defaults, flatten
 
 # %% auto #0
-__all__ = ['RANGES', 'OPEN_SECTIONS', 'NULLABLE', 'nearest_keys', 'unknown_keys', 'type_problems', 'range_problems',
-           'model_problems', 'ConfigError', 'config_problems', 'check_config']
+__all__ = ['RANGES', 'OPEN_SECTIONS', 'NULLABLE', 'all_keys', 'nearest_keys', 'fmt_value', 'unknown_keys', 'type_problems',
+           'source_note', 'range_problems', 'model_problems', 'ConfigError', 'config_problems', 'check_section']
 
-# %% ../../nbs/002_core.schema.ipynb #47d9acea
+# %% ../../nbs/002_core.schema.ipynb #70825650
 # (dotted-key pattern, low, high, low inclusive, high inclusive, what it means); first match wins.
 RANGES = [
     ('split.train', 0, 1, False, False, 'a fraction in (0, 1)'),
@@ -61,12 +62,13 @@ RANGES = [
 OPEN_SECTIONS = ('phase1.importance.lgbm_params',)
 NULLABLE = ('*threshold', '*max_corr', '*_limit', '*timeout*', 'phase*.max_*_windows', 'phase*.max_*_predictions')
 
-def _all_keys(d: dict, prefix: str = '') -> list[str]:
+# %% ../../nbs/002_core.schema.ipynb #77744cca
+def all_keys(d: dict, prefix: str = '') -> list[str]:
     "Every dotted key of `d`, sections included."
     out = []
     for k, v in d.items():
         out.append(f'{prefix}{k}')
-        if isinstance(v, dict): out += _all_keys(v, f'{prefix}{k}.')
+        if isinstance(v, dict): out += all_keys(v, f'{prefix}{k}.')
     return out
 
 def nearest_keys(key: str, valid, n: int = 4) -> list[str]:
@@ -78,13 +80,13 @@ def nearest_keys(key: str, valid, n: int = 4) -> list[str]:
     by_leaf.sort(key=lambda v: -difflib.SequenceMatcher(None, key, v).ratio())
     return list(dict.fromkeys(close + by_leaf))[:n]
 
-def _fmt(v) -> str:
+def fmt_value(v) -> str:
     return repr(v) if isinstance(v, str) else json.dumps(v, default=str)
 
-# %% ../../nbs/002_core.schema.ipynb #334eb3f4
+# %% ../../nbs/002_core.schema.ipynb #b77041f4
 def unknown_keys(override: dict, defaults: dict, source: str) -> list[str]:
     "A problem sentence for each key of `override` that `defaults` does not have (open sections accept anything)."
-    valid = _all_keys(defaults)
+    valid = all_keys(defaults)
     out = []
     def walk(o, d, prefix):
         for k, v in o.items():
@@ -118,25 +120,26 @@ def type_problems(cfg: dict, defaults: dict, sources: dict | None = None, prefix
         key = f'{prefix}{k}'
         if k not in cfg or d is None: continue
         v = cfg[k]
-        src = _source(key, sources)
+        src = source_note(key, sources)
         if v is None:
             if not any(fnmatch.fnmatchcase(key, p) for p in NULLABLE):
-                out.append(f'{key} must be {_type_name(d)} like its default {_fmt(d)}, got null{src}.')
+                out.append(f'{key} must be {_type_name(d)} like its default {fmt_value(d)}, got null{src}.')
             continue
         if fnmatch.fnmatchcase(key, 'phase*.models') and isinstance(v, dict): continue  # {model: overrides}
         if not _type_ok(v, d):
-            extra = f' (write a list, e.g. [{_fmt(v)}])' if isinstance(d, list) and not isinstance(v, (list, dict, bool)) else ''
-            out.append(f'{key} must be {_type_name(d)} like its default {_fmt(d)}, got {_fmt(v)} '
+            extra = f' (write a list, e.g. [{fmt_value(v)}])' if isinstance(d, list) and not isinstance(v, (list, dict, bool)) else ''
+            out.append(f'{key} must be {_type_name(d)} like its default {fmt_value(d)}, got {fmt_value(v)} '
                        f'({_type_name(v)}){src}{extra}.')
         elif isinstance(d, dict) and d:
             out += type_problems(v, d, sources, key + '.')
         elif isinstance(d, list) and d and not isinstance(d[0], (dict, list)):
             bad = [x for x in v if not _type_ok(x, d[0])]
             if bad: out.append(f'{key} must be a list of {_type_name(d[0]).split(" ", 1)[1]}s like its default '
-                               f'{_fmt(d)}, got {_fmt(v)}{src}.')
+                               f'{fmt_value(d)}, got {fmt_value(v)}{src}.')
     return out
 
-def _source(key: str, sources: dict | None) -> str:
+# %% ../../nbs/002_core.schema.ipynb #df7142dc
+def source_note(key: str, sources: dict | None) -> str:
     "' (from X)' for the most specific source that set `key` or a section above it."
     if not sources: return ''
     parts = key.split('.')
@@ -159,21 +162,21 @@ def range_problems(cfg: dict, sources: dict | None = None) -> list[str]:
         values = v if isinstance(v, list) else [v]
         bad = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
                and not _in_range(x, lo, hi, lo_inc, hi_inc)]
-        if bad: out.append(f'{key} = {_fmt(v)} is out of range: it must be {what}{_source(key, sources)}.')
+        if bad: out.append(f'{key} = {fmt_value(v)} is out of range: it must be {what}{source_note(key, sources)}.')
     sp = cfg.get('split', {})
     fr = [sp.get(k) for k in ('train', 'valid', 'test')]
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in fr) and sum(fr) > 1 + 1e-9:
         out.append(f'split.train + split.valid + split.test = {sum(fr):g} is more than 1.')
     return out
 
+# %% ../../nbs/002_core.schema.ipynb #658c6762
 def model_problems(cfg: dict, models: dict) -> list[str]:
     "A problem sentence for each model named in `phaseN.models` that the phase's registry (`models[section]`) lacks."
     out = []
     for section, known in models.items():
-        models_ = (cfg.get(section) or {}).get('models') if isinstance(cfg.get(section), dict) else None
-        if models_ is None: continue
-        names = list(models_) if isinstance(models_, (list, dict)) else [models_]
-        for m in names:
+        names = (cfg.get(section) or {}).get('models') if isinstance(cfg.get(section), dict) else None
+        if names is None: continue
+        for m in (list(names) if isinstance(names, (list, dict)) else [names]):
             if m not in known:
                 near = difflib.get_close_matches(str(m), known, n=1)
                 hint = f' (did you mean {near[0]}?)' if near else ''
@@ -193,8 +196,13 @@ def config_problems(cfg: dict, *, overrides: dict | None = None, models: dict | 
     out += type_problems(cfg, defaults, sources) + range_problems(cfg, sources)
     return out + (model_problems(cfg, models) if models else [])
 
-def check_config(cfg: dict, **kw) -> dict:
-    "`cfg` unchanged, or `ConfigError` listing every problem `config_problems(cfg, **kw)` finds."
-    problems = config_problems(cfg, **kw)
-    if problems: raise ConfigError('The config has problems:\n' + '\n'.join(f'- {p}' for p in problems))
-    return cfg
+def check_section(section: str, values: dict | None, models=None) -> dict:
+    """The defaults of config section `section` (dotted) with `values` merged over them, checked by `config_problems`
+    (`models`: the names `section.models` may list); `ConfigError` lists every problem."""
+    nest = lambda v: functools.reduce(lambda acc, k: {k: acc}, reversed(section.split('.')), v)
+    defaults = config_defaults(section)
+    merged = deep_merge(defaults, values or {})
+    problems = config_problems(nest(merged), overrides=nest(values or {}), defaults=nest(defaults),
+                               models={section: tuple(models)} if models is not None else None)
+    if problems: raise ConfigError(f'The {section} config has problems:\n' + '\n'.join(f'- {p}' for p in problems))
+    return merged

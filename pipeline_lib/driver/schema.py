@@ -6,19 +6,16 @@
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import json
 import re
 
 import yaml
 
 from ..core.config import PipelineError, deep_merge, flatten
-from .errors import ConfigError
+from ..core.schema import ConfigError
 
 # %% auto #0
-__all__ = ['RANGES', 'NULLABLE', 'MODELS', 'parse_assignment', 'nest', 'overrides_from_sets', 'split_values', 'parse_grid',
-           'all_keys', 'nearest_keys', 'fmt_value', 'unknown_keys', 'type_problems', 'source_note', 'range_problems',
-           'model_problems', 'available_targets', 'target_problems']
+__all__ = ['parse_assignment', 'nest', 'overrides_from_sets', 'split_values', 'parse_grid', 'available_targets',
+           'target_problems']
 
 # %% ../../nbs/602_driver.schema.ipynb #c7337e8c
 def _yaml_value(raw: str, what: str):
@@ -79,175 +76,6 @@ def parse_grid(texts) -> list[tuple[str, list]]:
         vals = [_yaml_value(v, f'--grid {text}') for v in split_values(raw) if v.strip()]
         if not vals: raise ConfigError(f'--grid {text!r} has no values; write --grid {key}=v1,v2')
         out.append((key, vals))
-    return out
-
-# %% ../../nbs/602_driver.schema.ipynb #70825650
-# (dotted-key pattern, low, high, low inclusive, high inclusive, what it means); first match wins.
-RANGES = [
-    ('split.train', 0, 1, False, False, 'a fraction in (0, 1)'),
-    ('split.valid', 0, 1, False, False, 'a fraction in (0, 1)'),
-    ('split.test', 0, 1, False, False, 'a fraction in (0, 1)'),
-    ('*frac', 0, 1, False, False, 'a fraction in (0, 1)'),
-    ('*fraction', 0, 1, False, False, 'a fraction in (0, 1)'),
-    ('*dropout', 0, 1, True, False, 'a probability in [0, 1)'),
-    ('*max_corr', 0, 1, False, True, 'a correlation in (0, 1]'),
-    ('*threshold', 0, 1, False, True, 'a value in (0, 1]'),
-    ('*n_features', 1, None, True, None, 'at least 1'),
-    ('*horizons', 1, None, True, None, 'at least 1 bar each'),
-    ('*horizon', 1, None, True, None, 'at least 1 bar'),
-    ('*lookback', 1, None, True, None, 'at least 1 bar'),
-    ('*vol_window', 2, None, True, None, 'at least 2 bars'),
-    ('*barrier_k', 0, None, False, None, 'greater than 0'),
-    ('*n_symbols', 1, None, True, None, 'at least 1'),
-    ('*n_days', 1, None, True, None, 'at least 1'),
-    ('*strength', 0, None, True, None, 'at least 0'),
-    ('*learning_rate', 0, None, False, None, 'greater than 0'),
-    ('*.lr', 0, None, False, None, 'greater than 0'),
-    ('*weight_decay', 0, None, True, None, 'at least 0'),
-    ('*warmup*', 0, None, True, None, 'at least 0'),
-    ('*epochs', 1, None, True, None, 'at least 1'),
-    ('*batch_size', 1, None, True, None, 'at least 1'),
-    ('*patience', 0, None, True, None, 'at least 0'),
-    ('*n_estimators', 1, None, True, None, 'at least 1'),
-    ('*num_boost_round', 1, None, True, None, 'at least 1'),
-    ('*num_leaves', 2, None, True, None, 'at least 2'),
-    ('*n_folds', 2, None, True, None, 'at least 2'),
-    ('*latent_dim', 1, None, True, None, 'at least 1'),
-    ('*n_latent', 1, None, True, None, 'at least 1'),
-    ('*n_components', 1, None, True, None, 'at least 1'),
-    ('*n_regimes', 1, None, True, None, 'at least 1'),
-    ('*hidden', 1, None, True, None, 'at least 1'),
-    ('*hidden_size', 1, None, True, None, 'at least 1'),
-    ('*hidden_dim', 1, None, True, None, 'at least 1'),
-    ('*n_layers', 1, None, True, None, 'at least 1'),
-    ('*n_heads', 1, None, True, None, 'at least 1'),
-    ('*seed', 0, None, True, None, 'at least 0'),
-]
-NULLABLE = ('*threshold', '*max_corr', '*_limit', '*timeout*', 'phase*.max_*_windows', 'phase*.max_*_predictions')
-# Model names each phase knows (metrics.json's `phaseN.models` keys); `phaseN.models` may list a subset.
-MODELS = {'phase2': ('lightgbm', 'multitask', 'ensemble', 'ridge', 'baseline_all_features'),
-          'phase3': ('lstm', 'transformer', 'cnn1d')}
-
-# %% ../../nbs/602_driver.schema.ipynb #77744cca
-def all_keys(d: dict, prefix: str = '') -> list[str]:
-    "Every dotted key of `d`, sections included."
-    out = []
-    for k, v in d.items():
-        out.append(f'{prefix}{k}')
-        if isinstance(v, dict): out += all_keys(v, f'{prefix}{k}.')
-    return out
-
-def nearest_keys(key: str, valid, n: int = 4) -> list[str]:
-    "The valid dotted keys nearest to `key`, by the whole path and by its last part."
-    valid = list(valid)
-    close = difflib.get_close_matches(key, valid, n=n, cutoff=0.6)
-    leaf = key.rsplit('.', 1)[-1]
-    by_leaf = [v for v in valid if difflib.SequenceMatcher(None, leaf, v.rsplit('.', 1)[-1]).ratio() >= 0.75]
-    by_leaf.sort(key=lambda v: -difflib.SequenceMatcher(None, key, v).ratio())
-    return list(dict.fromkeys(close + by_leaf))[:n]
-
-def fmt_value(v) -> str:
-    return repr(v) if isinstance(v, str) else json.dumps(v, default=str)
-
-# %% ../../nbs/602_driver.schema.ipynb #b77041f4
-def unknown_keys(override: dict, defaults: dict, source: str) -> list[str]:
-    "A problem sentence for each key of `override` that `defaults` does not have (open sections accept anything)."
-    valid = all_keys(defaults)
-    out = []
-    def walk(o, d, prefix):
-        for k, v in o.items():
-            key = f'{prefix}{k}'
-            if k not in d:
-                near = nearest_keys(key, valid)
-                hint = f' Nearest valid keys: {", ".join(near)}.' if near else ''
-                out.append(f'Unknown config key {key!r} (from {source}).{hint}')
-            elif isinstance(v, dict) and isinstance(d[k], dict) and d[k]:
-                walk(v, d[k], key + '.')
-    walk(override or {}, defaults, '')
-    return out
-
-def _type_name(v) -> str:
-    return {bool: 'a boolean (true/false)', int: 'an integer', float: 'a number', str: 'a string',
-            list: 'a list', dict: 'a section (mapping)'}.get(type(v), type(v).__name__)
-
-def _type_ok(v, default) -> bool:
-    if isinstance(default, bool): return isinstance(v, bool)
-    if isinstance(default, int): return isinstance(v, int) and not isinstance(v, bool)
-    if isinstance(default, float): return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if isinstance(default, str): return isinstance(v, str)
-    if isinstance(default, list): return isinstance(v, list)
-    if isinstance(default, dict): return isinstance(v, dict)
-    return True
-
-def type_problems(cfg: dict, defaults: dict, sources: dict | None = None, prefix: str = '') -> list[str]:
-    "A problem sentence for each value of `cfg` whose type differs from its default's (int accepted for float)."
-    out = []
-    for k, d in defaults.items():
-        key = f'{prefix}{k}'
-        if k not in cfg or d is None: continue
-        v = cfg[k]
-        src = source_note(key, sources)
-        if v is None:
-            if not any(fnmatch.fnmatchcase(key, p) for p in NULLABLE):
-                out.append(f'{key} must be {_type_name(d)} like its default {fmt_value(d)}, got null{src}.')
-            continue
-        if fnmatch.fnmatchcase(key, 'phase*.models') and isinstance(v, dict): continue  # {model: overrides}
-        if not _type_ok(v, d):
-            extra = f' (write a list, e.g. [{fmt_value(v)}])' if isinstance(d, list) and not isinstance(v, (list, dict, bool)) else ''
-            out.append(f'{key} must be {_type_name(d)} like its default {fmt_value(d)}, got {fmt_value(v)} '
-                       f'({_type_name(v)}){src}{extra}.')
-        elif isinstance(d, dict) and d:
-            out += type_problems(v, d, sources, key + '.')
-        elif isinstance(d, list) and d and not isinstance(d[0], (dict, list)):
-            bad = [x for x in v if not _type_ok(x, d[0])]
-            if bad: out.append(f'{key} must be a list of {_type_name(d[0]).split(" ", 1)[1]}s like its default '
-                               f'{fmt_value(d)}, got {fmt_value(v)}{src}.')
-    return out
-
-# %% ../../nbs/602_driver.schema.ipynb #df7142dc
-def source_note(key: str, sources: dict | None) -> str:
-    "' (from X)' for the most specific source that set `key` or a section above it."
-    if not sources: return ''
-    parts = key.split('.')
-    for i in range(len(parts), 0, -1):
-        if (s := sources.get('.'.join(parts[:i]))): return f' (from {s})'
-    return ''
-
-def _in_range(x, lo, hi, lo_inc, hi_inc) -> bool:
-    if lo is not None and (x < lo if lo_inc else x <= lo): return False
-    if hi is not None and (x > hi if hi_inc else x >= hi): return False
-    return True
-
-def range_problems(cfg: dict, sources: dict | None = None) -> list[str]:
-    "A problem sentence for each number outside its `RANGES` range, plus split fractions summing over 1."
-    out = []
-    for key, v in flatten(cfg).items():
-        rule = next((r for r in RANGES if fnmatch.fnmatchcase(key, r[0])), None)
-        if rule is None: continue
-        _, lo, hi, lo_inc, hi_inc, what = rule
-        values = v if isinstance(v, list) else [v]
-        bad = [x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool)
-               and not _in_range(x, lo, hi, lo_inc, hi_inc)]
-        if bad: out.append(f'{key} = {fmt_value(v)} is out of range: it must be {what}{source_note(key, sources)}.')
-    sp = cfg.get('split', {})
-    fr = [sp.get(k) for k in ('train', 'valid', 'test')]
-    if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in fr) and sum(fr) > 1 + 1e-9:
-        out.append(f'split.train + split.valid + split.test = {sum(fr):g} is more than 1.')
-    return out
-
-# %% ../../nbs/602_driver.schema.ipynb #658c6762
-def model_problems(cfg: dict) -> list[str]:
-    "A problem sentence for each model named in `phaseN.models` that the phase does not have."
-    out = []
-    for section, known in MODELS.items():
-        models = (cfg.get(section) or {}).get('models') if isinstance(cfg.get(section), dict) else None
-        if models is None: continue
-        names = list(models) if isinstance(models, (list, dict)) else [models]
-        for m in names:
-            if m not in known:
-                near = difflib.get_close_matches(str(m), known, n=1)
-                hint = f' (did you mean {near[0]}?)' if near else ''
-                out.append(f'Unknown model {m!r} in {section}.models{hint}; available: {", ".join(known)}.')
     return out
 
 # %% ../../nbs/602_driver.schema.ipynb #64d0b50f
