@@ -18,10 +18,10 @@ from ..core.artifacts import json_safe
 from ..evaluation.metrics import block_labels
 
 # %% auto #0
-__all__ = ['NOISE_KINDS', 'PHASE1_DEFAULTS', 'MIN_FOLD_ROWS', 'synthetic_panel', 'LeakageError', 'feature_ic', 'leakage_screen',
-           'check_leakage', 'add_noise_controls', 'ImportanceResult', 'feature_importance', 'Selection',
-           'select_features', 'selection_params', 'select_on_train', 'plot_shap_beeswarm', 'plot_shap_bar',
-           'plot_gain_vs_shap', 'plot_noise_controls', 'plot_selection_stability']
+__all__ = ['NOISE_KINDS', 'MIN_FOLD_ROWS', 'synthetic_panel', 'LeakageError', 'feature_ic', 'leakage_screen', 'check_leakage',
+           'add_noise_controls', 'ImportanceResult', 'feature_importance', 'Selection', 'select_features',
+           'selection_params', 'select_on_train', 'plot_shap_beeswarm', 'plot_shap_bar', 'plot_gain_vs_shap',
+           'plot_noise_controls', 'plot_selection_stability']
 
 # %% ../../nbs/406_models.selection.ipynb #b846e3d6
 def synthetic_panel(n_rows: int = 20_000, n_features: int = 20, *, n_symbols: int = 4, seed: int = 0,
@@ -199,8 +199,8 @@ def add_noise_controls(X: pd.DataFrame, n: int = 5, seed: int = 0, *, ar_phi: fl
 
 # %% ../../nbs/406_models.selection.ipynb #c4f3363d
 # Every default below is the YAML's `phase1` section (core.config's one home for every default); Phase 1 reads it too.
-PHASE1_DEFAULTS = config_defaults('phase1')
-_IMP = PHASE1_DEFAULTS['importance']
+_P1 = config_defaults('phase1')
+_IMP = _P1['importance']
 _FIXED_PARAMS = {'deterministic': True, 'force_col_wise': True, 'verbosity': -1}
 MIN_FOLD_ROWS = 8    # training rows an inner fold needs (with a finite target): two leaves of 4
 
@@ -482,7 +482,7 @@ def select_features(importance: ImportanceResult, *, n_features: int = 50, min_i
 # %% ../../nbs/406_models.selection.ipynb #ca61dde3
 def selection_params(config: dict | None = None, *, path_target: bool = False) -> dict:
     "`select_on_train` keyword arguments from a config's `phase1` section (missing keys take the YAML's defaults)."
-    p = deep_merge(PHASE1_DEFAULTS, (config or {}).get('phase1', {}) or {})
+    p = deep_merge(_P1, (config or {}).get('phase1', {}) or {})
     lk, im = p.get('leakage') or {}, p.get('importance') or {}
     return {'n_features': p['n_features'], 'min_importance': p['min_importance'], 'max_corr': p['max_corr'],
             'n_controls': p['n_controls'], 'leakage_threshold': lk.get('path_threshold' if path_target else 'threshold'),
@@ -491,9 +491,9 @@ def selection_params(config: dict | None = None, *, path_target: bool = False) -
             'max_rows': im['max_rows'], 'lgbm_params': dict(im.get('lgbm_params') or {})}
 
 def select_on_train(X: pd.DataFrame, y, split, timestamps, symbols=None, *,
-                    n_features: int = PHASE1_DEFAULTS['n_features'], min_importance: float = PHASE1_DEFAULTS['min_importance'],
-                    max_corr: float | None = PHASE1_DEFAULTS['max_corr'], n_controls: int = PHASE1_DEFAULTS['n_controls'],
-                    leakage_threshold: float | None = PHASE1_DEFAULTS['leakage']['threshold'], oracle_ic: float | None = None,
+                    n_features: int = _P1['n_features'], min_importance: float = _P1['min_importance'],
+                    max_corr: float | None = _P1['max_corr'], n_controls: int = _P1['n_controls'],
+                    leakage_threshold: float | None = _P1['leakage']['threshold'], oracle_ic: float | None = None,
                     allow=(), horizon: int = 30, n_folds: int = _IMP['n_folds'], embargo: int = 0,
                     lgbm_params: dict | None = None, num_boost_round: int = _IMP['num_boost_round'],
                     early_stopping_rounds: int = _IMP['early_stopping_rounds'], shap_sample: int = _IMP['shap_sample'],
