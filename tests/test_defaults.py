@@ -239,3 +239,30 @@ def test_selection_defaults_agree_with_the_yaml():
     assert p['leakage_threshold'].default == d['leakage']['threshold']
     for k in ('n_folds', 'num_boost_round', 'early_stopping_rounds', 'shap_sample', 'max_rows'):
         assert p[k].default == d['importance'][k], k
+
+
+def test_feature_transformer_defaults_are_the_default_runs():
+    "`FeatureTransformer()` and the transformer a default run builds (`transformer_params`) take the same values."
+    from pipeline_lib.core.config import load_config
+    from pipeline_lib.phases.phase1 import FeatureTransformer, transformer_params
+    run = transformer_params(load_config())
+    params = inspect.signature(FeatureTransformer).parameters
+    # horizon comes from the target, seed/device from settings.ini; the dicts are passed whole (checked above)
+    per_run = {'horizon', 'seed', 'device', 'vae_params', 'regime_params', 'lgbm_params'}
+    diff = {k: (params[k].default, v) for k, v in run.items()
+            if k in params and k not in per_run and params[k].default != v}
+    assert not diff, f'FeatureTransformer signature defaults differ from the default run (signature, run): {diff}'
+
+
+def test_each_phase_reads_its_models_from_the_registry():
+    from pipeline_lib.models.registry import PHASE_MODELS
+    from pipeline_lib.models.sequence import MODELS
+    from pipeline_lib.phases import phase2, phase3
+    assert phase2.MODEL_NAMES is PHASE_MODELS['phase2'] and phase3.MODEL_NAMES is PHASE_MODELS['phase3']
+    assert tuple(MODELS) == PHASE_MODELS['phase3']  # every Phase 3 name has a sequence model class, in order
+
+
+def test_training_defaults_are_phase3s():
+    from pipeline_lib.models.sequence import TRAIN_DEFAULTS
+    p3 = config_defaults('phase3')
+    assert TRAIN_DEFAULTS and all(TRAIN_DEFAULTS[k] == p3[k] for k in TRAIN_DEFAULTS)
