@@ -266,3 +266,17 @@ def test_training_defaults_are_phase3s():
     from pipeline_lib.models.sequence import TRAIN_DEFAULTS
     p3 = config_defaults('phase3')
     assert TRAIN_DEFAULTS and all(TRAIN_DEFAULTS[k] == p3[k] for k in TRAIN_DEFAULTS)
+
+
+def test_tabular_defaults_are_phase2s():
+    from pipeline_lib.models.tabular import EARLY_STOPPING_ROUNDS, LGBM_PARAMS, RIDGE_ALPHAS, MultiTaskModel
+    p2 = config_defaults('phase2')
+    lgbm = dict(p2['lightgbm'])
+    assert EARLY_STOPPING_ROUNDS == lgbm.pop('early_stopping_rounds')
+    assert {k: LGBM_PARAMS[k] for k in lgbm} == lgbm and RIDGE_ALPHAS == tuple(p2['ridge']['alphas'])
+    params = inspect.signature(MultiTaskModel).parameters
+    # heads is required (the phase picks them; [] in the YAML means "the default heads"); time_limit is max_seconds
+    mt = {('max_seconds' if k == 'time_limit' else k): v for k, v in p2['multitask'].items() if k != 'heads'}
+    diff = {k: (params[k].default, v) for k, v in mt.items()
+            if k in params and params[k].default != (tuple(v) if isinstance(v, list) else v)}
+    assert not diff, f'MultiTaskModel signature defaults differ from phase2.multitask (signature, YAML): {diff}'
