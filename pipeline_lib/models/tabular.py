@@ -323,7 +323,7 @@ class MultiTaskModel:
         Seed of the initial weights and of the batch order.
     device : str, default='auto'
         Torch device to train on ('auto': CUDA when available, else the CPU).
-    max_seconds : float or None, default=None
+    max_seconds : float or None, default=60.0
         Stop training after the epoch in which this many seconds have passed.
 
     Attributes
