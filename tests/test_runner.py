@@ -27,8 +27,8 @@ from pipeline_lib.driver.errors import ConfigError, NotebookError
 from pipeline_lib.driver.notebooks import check_notebook, discover_phases
 from pipeline_lib.driver.plan import Options, grid_run_name, plan_runs
 from pipeline_lib.driver.reports import RUN_KEYS, report_problems
-from pipeline_lib.driver.schema import (parse_assignment, parse_grid, range_problems, target_problems, type_problems,
-                                        unknown_keys)
+from pipeline_lib.core.schema import range_problems, type_problems, unknown_keys
+from pipeline_lib.driver.schema import parse_assignment, parse_grid, target_problems
 from synthetic import realistic_bars
 
 REPO = load_settings()['root']

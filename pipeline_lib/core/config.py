@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -20,7 +21,7 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 # %% auto #0
 __all__ = ['PipelineError', 'DependencyError', 'flatten', 'repo_root', 'load_settings', 'deep_merge', 'read_yaml', 'load_config',
-           'config_hash', 'scratch_root']
+           'config_hash', 'experiment_defaults', 'config_defaults', 'scratch_root']
 
 # %% ../../nbs/000_core.config.ipynb #503c589e
 class PipelineError(Exception):
@@ -96,6 +97,23 @@ def load_config(path=None, overrides: dict | None = None, root: Path | None = No
 def config_hash(cfg: dict, n: int = 10) -> str:
     "A short stable hash of a config (key order does not matter)."
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+# %% ../../nbs/000_core.config.ipynb #3f6666d3
+@functools.lru_cache(maxsize=None)
+def _defaults_file(path: str) -> dict: return read_yaml(path)
+
+def experiment_defaults() -> dict:
+    "The default experiment config (`settings.ini`'s `default_config`), read once; a fresh deep copy on every call."
+    return copy.deepcopy(_defaults_file(str(load_settings()['default_config'])))
+
+def config_defaults(section: str) -> dict:
+    "The defaults of one dotted config section, e.g. `config_defaults('phase1.vae')` (a fresh copy)."
+    d = experiment_defaults()
+    for k in section.split('.'):
+        if not isinstance(d.get(k), dict):
+            raise PipelineError(f"The experiment defaults have no section {section!r} (missing at {k!r}).")
+        d = d[k]
+    return d
 
 # %% ../../nbs/000_core.config.ipynb #c0e1129f
 def scratch_root(name: str = 'nbtest') -> Path:

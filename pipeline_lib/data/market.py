@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from .load import BAR_COLUMNS
 
 # %% auto #0
@@ -259,7 +259,10 @@ def drift_sum(mu, symbols, horizon: int = 5) -> np.ndarray:
     return out
 
 # %% ../../nbs/102_data.market.ipynb #5581066a
-def make_market(*, seed: int = 7, strength: float = 1.0, n_symbols: int = 10, n_days: int = 40, horizon: int = 5,
+_MARKET = config_defaults('data.market')  # the signature's defaults: the YAML's (core.config's one home for every default)
+
+def make_market(*, seed: int = _MARKET['seed'], strength: float = _MARKET['strength'], n_symbols: int = _MARKET['n_symbols'],
+                n_days: int = _MARKET['n_days'], horizon: int = 5,
                 start='2024-01-02', params: MarketParams | dict | None = None, return_state: bool = False):
     """Synthetic 1-minute bars (390 a day, 09:30-15:59, business days) with a planted drift, and its oracle.
 

@@ -12,7 +12,7 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from .load import DataError
 
 # %% auto #0
@@ -88,8 +88,10 @@ def _block_sizes(n, gap, fracs, horizon, lookback):
     return sizes
 
 # %% ../../nbs/104_data.splits.ipynb #4d7275a5
-def make_split(bars: pd.DataFrame, train: float = 0.6, valid: float = 0.2, test: float | None = 0.2,
-               horizon: int = 30, lookback: int = 32) -> pd.Series:
+_SPLIT = config_defaults('split')  # the signature's defaults: the YAML's (core.config's one home for every default)
+
+def make_split(bars: pd.DataFrame, train: float = _SPLIT['train'], valid: float = _SPLIT['valid'],
+               test: float | None = _SPLIT['test'], horizon: int = 30, lookback: int = _SPLIT['max_lookback']) -> pd.Series:
     """The run's one split: a Series named 'split' of 'train'|'valid'|'test'|'gap' aligned with `bars`.
     `horizon`: the longest target horizon in bars; `lookback`: the longest sequence lookback in bars."""
     fracs = _fractions(train, valid, test)

@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pandas as pd
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from .load import DataError, duration_name, infer_interval, is_intraday, session_ids
 
 # %% auto #0
@@ -189,8 +189,10 @@ def _path_kernel(close, high, low, reach, sigma, horizon, k):
     return mfe, mdd, tth, side
 
 # %% ../../nbs/103_data.targets.ipynb #97a849f8
-def build_targets(bars: pd.DataFrame, horizons=(5,), path_horizon: int = 30, barrier_k: float = 2.0,
-                  vol_window: int = 60, max_gap_bars: int = 15) -> pd.DataFrame:
+_TARGETS = config_defaults('targets')  # the signature's defaults: the YAML's (core.config's one home for every default)
+
+def build_targets(bars: pd.DataFrame, horizons=tuple(_TARGETS['horizons']), path_horizon: int = _TARGETS['path_horizon'],
+                  barrier_k: float = _TARGETS['barrier_k'], vol_window: int = _TARGETS['vol_window'], max_gap_bars: int = 15) -> pd.DataFrame:
     "Forward returns and path targets (float64, NaN where undefined, never filled), aligned row-for-row with `bars`."
     hs = _check_horizons(horizons)
     H = _check_bars(path_horizon, 'targets.path_horizon')

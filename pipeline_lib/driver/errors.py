@@ -12,15 +12,13 @@ import sys
 from pathlib import Path
 
 from ..core.config import PipelineError
+from ..core.schema import ConfigError  # one class for the driver and the phases: exit code 2 either way
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_PHASE_FAILED', 'EXIT_BAD_INPUT', 'EXIT_INTERRUPTED', 'ConfigError', 'NotebookError', 'say',
-           'short_path', 'one_line', 'read_json_object']
+__all__ = ['EXIT_OK', 'EXIT_PHASE_FAILED', 'EXIT_BAD_INPUT', 'EXIT_INTERRUPTED', 'NotebookError', 'say', 'short_path', 'one_line',
+           'read_json_object']
 
 # %% ../../nbs/601_driver.errors.ipynb #d08a6bdc
-class ConfigError(PipelineError):
-    "A config key, type or value the pipeline cannot run with; the message lists every problem found."
-
 class NotebookError(PipelineError):
     "A phase notebook the driver refuses to run (missing, duplicated, no `parameters` tag, missing parameters)."
 

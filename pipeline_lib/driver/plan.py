@@ -18,9 +18,10 @@ from .errors import ConfigError, NotebookError, read_json_object, short_path
 from .notebooks import (
     DEPENDS_ON, OPTIONAL_PARAMS, PHASE_GLOB, REQUIRED_PARAMS, Phase, check_notebook, discover_phases)
 from .preflight import data_option_problems, load_data, memory_check
-from .schema import (
-    all_keys, fmt_value, model_problems, nest, overrides_from_sets, parse_assignment, parse_grid, range_problems,
-    source_note, target_problems, type_problems, unknown_keys)
+from ..core.schema import (
+    all_keys, fmt_value, model_problems, range_problems, source_note, type_problems, unknown_keys)
+from .schema import nest, overrides_from_sets, parse_assignment, parse_grid, target_problems
+from ..models.registry import PHASE_MODELS
 from ..phases.dependencies import check_phase1_artifacts
 
 # %% auto #0
@@ -175,7 +176,7 @@ def resolve_configs(opts: Options, root: Path, defaults: dict, defaults_name: st
 
 def check_values(configs: Configs, defaults: dict) -> None:
     "Step 2: types, ranges, model names and data-size options of the base config and of every grid point."
-    check = lambda c: type_problems(c, defaults, configs.sources) + range_problems(c, configs.sources) + model_problems(c)
+    check = lambda c: type_problems(c, defaults, configs.sources) + range_problems(c, configs.sources) + model_problems(c, PHASE_MODELS)
     problems = check(configs.base)
     for p, cfg in zip(configs.points, configs.configs):
         if p: problems += [_point_label(p) + x for x in check(cfg) if x not in problems]

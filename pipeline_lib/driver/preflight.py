@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.config import PipelineError
 from .errors import short_path
-from .schema import fmt_value
+from ..core.schema import fmt_value
 
 # %% auto #0
 __all__ = ['BYTES_PER_FEATURE', 'FEATURE_COPIES', 'ROW_OVERHEAD', 'resolve_data', 'load_data', 'ResourceError',

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from ..data.load import user_column_list
 
 # %% auto #0
@@ -94,8 +94,7 @@ def _ind(cond, ref):
     return np.where(np.isnan(ref), np.nan, cond.astype(np.float64))
 
 # %% ../../nbs/201_features.registry.ipynb #79547cf6
-FEATURE_CONFIG_DEFAULT = {'families': None, 'exclude': [], 'params': {}, 'user_columns': [],
-                          'bars_per_session': 390}
+FEATURE_CONFIG_DEFAULT = config_defaults('features')  # the YAML's `features` section: the one home of its defaults
 
 def _canon_param(p):
     if isinstance(p, (bool, np.bool_)): raise FeatureError(f'Feature parameter {p!r} must be an int or a string.')

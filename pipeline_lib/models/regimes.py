@@ -13,7 +13,7 @@ from sklearn.base import BaseEstimator
 from sklearn.mixture import GaussianMixture
 from sklearn.utils.validation import check_is_fitted
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 
 # %% auto #0
 __all__ = ['RegimeModel', 'regime_names', 'regime_runs', 'regime_stats', 'transition_matrix', 'plot_latent_regimes']
@@ -32,11 +32,16 @@ def _matrix(Z, what: str = 'Z') -> tuple[np.ndarray, list[str] | None]:
                             f'{names[c] if names else "#" + str(c)!r}, row {int(r)}); impute them before the regime model')
     return a, names
 
+# Defaults are the YAML's `phase1.regimes` (core.config's one home for every default); the seed comes from the run.
+_REGIMES = config_defaults('phase1.regimes')
+
 class RegimeModel(BaseEstimator):
     "A Gaussian mixture whose labels are ordered by volatility: regime 0 is the calmest, regime k-1 the most turbulent."
-    def __init__(self, n_components: int = 3, on: str = 'latent', covariance_type: str = 'full', seed: int = 0,
-                 vol_feature: str | None = None, n_init: int = 1, max_iter: int = 200, reg_covar: float = 1e-6,
-                 max_train_rows: int | None = None):
+    def __init__(self, n_components: int = _REGIMES['n_components'], on: str = _REGIMES['on'],
+                 covariance_type: str = _REGIMES['covariance_type'], seed: int = 0,
+                 vol_feature: str | None = _REGIMES['vol_feature'], n_init: int = _REGIMES['n_init'],
+                 max_iter: int = _REGIMES['max_iter'], reg_covar: float = _REGIMES['reg_covar'],
+                 max_train_rows: int | None = _REGIMES['max_train_rows']):
         self.n_components, self.on, self.covariance_type, self.seed = n_components, on, covariance_type, seed
         self.vol_feature, self.n_init, self.max_iter, self.reg_covar = vol_feature, n_init, max_iter, reg_covar
         self.max_train_rows = max_train_rows

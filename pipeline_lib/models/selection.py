@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults, deep_merge
 from ..core.artifacts import json_safe
 from ..evaluation.metrics import block_labels
 
 # %% auto #0
-__all__ = ['NOISE_KINDS', 'DEFAULT_LGBM_PARAMS', 'MIN_FOLD_ROWS', 'PHASE1_DEFAULTS', 'synthetic_panel', 'LeakageError',
-           'feature_ic', 'leakage_screen', 'check_leakage', 'add_noise_controls', 'ImportanceResult',
-           'feature_importance', 'Selection', 'select_features', 'selection_params', 'select_on_train',
-           'plot_shap_beeswarm', 'plot_shap_bar', 'plot_gain_vs_shap', 'plot_noise_controls',
-           'plot_selection_stability']
+__all__ = ['NOISE_KINDS', 'MIN_FOLD_ROWS', 'synthetic_panel', 'LeakageError', 'feature_ic', 'leakage_screen', 'check_leakage',
+           'add_noise_controls', 'ImportanceResult', 'feature_importance', 'Selection', 'select_features',
+           'selection_params', 'select_on_train', 'plot_shap_beeswarm', 'plot_shap_bar', 'plot_gain_vs_shap',
+           'plot_noise_controls', 'plot_selection_stability']
 
 # %% ../../nbs/406_models.selection.ipynb #b846e3d6
 def synthetic_panel(n_rows: int = 20_000, n_features: int = 20, *, n_symbols: int = 4, seed: int = 0,
@@ -199,11 +198,9 @@ def add_noise_controls(X: pd.DataFrame, n: int = 5, seed: int = 0, *, ar_phi: fl
     return out, names
 
 # %% ../../nbs/406_models.selection.ipynb #c4f3363d
-DEFAULT_LGBM_PARAMS = {
-    'objective': 'regression', 'metric': 'l2', 'learning_rate': 0.05, 'num_leaves': 31, 'max_bin': 63,
-    'min_data_in_leaf': 2000, 'feature_fraction': 0.5, 'bagging_fraction': 0.8, 'bagging_freq': 1,
-    'lambda_l2': 10.0, 'bin_construct_sample_cnt': 20_000,
-}
+# Every default below is the YAML's `phase1` section (core.config's one home for every default); Phase 1 reads it too.
+_P1 = config_defaults('phase1')
+_IMP = _P1['importance']
 _FIXED_PARAMS = {'deterministic': True, 'force_col_wise': True, 'verbosity': -1}
 MIN_FOLD_ROWS = 8    # training rows an inner fold needs (with a finite target): two leaves of 4
 
@@ -262,10 +259,11 @@ def _rank_agreement(gain: pd.Series, shap: pd.Series) -> float | None:
     r = gain[used].rank().corr(shap[used].rank())
     return float(r) if np.isfinite(r) else None
 
-def feature_importance(X: pd.DataFrame, y, timestamps=None, symbols=None, *, folds=None, n_folds: int = 3,
+def feature_importance(X: pd.DataFrame, y, timestamps=None, symbols=None, *, folds=None, n_folds: int = _IMP['n_folds'],
                        horizon: int = 30, embargo: int = 0, lgbm_params: dict | None = None,
-                       num_boost_round: int = 300, early_stopping_rounds: int = 30, shap_sample: int = 5000,
-                       max_rows: int | None = None, seed: int = 0, num_threads: int | None = None,
+                       num_boost_round: int = _IMP['num_boost_round'],
+                       early_stopping_rounds: int = _IMP['early_stopping_rounds'], shap_sample: int = _IMP['shap_sample'],
+                       max_rows: int | None = _IMP['max_rows'], seed: int = 0, num_threads: int | None = None,
                        controls=()) -> ImportanceResult:
     """Gain and SHAP importance of every column of `X` for `y`, one early-stopped LightGBM per inner fold.
     `folds`: (train_idx, valid_idx) positional pairs into `X`; default `purged_walk_forward(timestamps, symbols, ...)`.
@@ -283,7 +281,7 @@ def feature_importance(X: pd.DataFrame, y, timestamps=None, symbols=None, *, fol
     folds = _fold_list(folds, n)
     if np.isinf(A).any(): A = np.where(np.isinf(A), np.nan, A)
     num_threads = int(num_threads or _cpus())
-    params = {**DEFAULT_LGBM_PARAMS, **(lgbm_params or {}), **_FIXED_PARAMS, 'seed': int(seed), 'num_threads': num_threads}
+    params = {**_IMP['lgbm_params'], **(lgbm_params or {}), **_FIXED_PARAMS, 'seed': int(seed), 'num_threads': num_threads}
     fnames = [f'c{j}' for j in range(len(names))]  # LightGBM rejects some characters in names; map back by position
     finite_y = np.isfinite(yv)
     rng = np.random.default_rng(seed)
@@ -482,17 +480,9 @@ def select_features(importance: ImportanceResult, *, n_features: int = 50, min_i
                      seconds=time.perf_counter() - t0)
 
 # %% ../../nbs/406_models.selection.ipynb #ca61dde3
-PHASE1_DEFAULTS = {
-    'n_features': 50, 'min_importance': 0.001, 'max_corr': 0.95, 'n_controls': 5,
-    'leakage': {'threshold': 0.3, 'path_threshold': None, 'allow': []},
-    'importance': {'n_folds': 3, 'num_boost_round': 300, 'early_stopping_rounds': 30, 'shap_sample': 5000,
-                   'max_rows': None, 'lgbm_params': {}},
-}
-
 def selection_params(config: dict | None = None, *, path_target: bool = False) -> dict:
-    "`select_on_train` keyword arguments from a config's `phase1` section (missing keys take `PHASE1_DEFAULTS`)."
-    from pipeline_lib.core.config import deep_merge
-    p = deep_merge(PHASE1_DEFAULTS, (config or {}).get('phase1', {}) or {})
+    "`select_on_train` keyword arguments from a config's `phase1` section (missing keys take the YAML's defaults)."
+    p = deep_merge(_P1, (config or {}).get('phase1', {}) or {})
     lk, im = p.get('leakage') or {}, p.get('importance') or {}
     return {'n_features': p['n_features'], 'min_importance': p['min_importance'], 'max_corr': p['max_corr'],
             'n_controls': p['n_controls'], 'leakage_threshold': lk.get('path_threshold' if path_target else 'threshold'),
@@ -500,12 +490,14 @@ def selection_params(config: dict | None = None, *, path_target: bool = False) -
             'early_stopping_rounds': im['early_stopping_rounds'], 'shap_sample': im['shap_sample'],
             'max_rows': im['max_rows'], 'lgbm_params': dict(im.get('lgbm_params') or {})}
 
-def select_on_train(X: pd.DataFrame, y, split, timestamps, symbols=None, *, n_features: int = 50,
-                    min_importance: float = 0.001, max_corr: float | None = 0.95, n_controls: int = 5,
-                    leakage_threshold: float | None = 0.3, oracle_ic: float | None = None, allow=(),
-                    horizon: int = 30, n_folds: int = 3, embargo: int = 0, lgbm_params: dict | None = None,
-                    num_boost_round: int = 300, early_stopping_rounds: int = 30, shap_sample: int = 5000,
-                    max_rows: int | None = None, seed: int = 0, num_threads: int | None = None) -> Selection:
+def select_on_train(X: pd.DataFrame, y, split, timestamps, symbols=None, *,
+                    n_features: int = _P1['n_features'], min_importance: float = _P1['min_importance'],
+                    max_corr: float | None = _P1['max_corr'], n_controls: int = _P1['n_controls'],
+                    leakage_threshold: float | None = _P1['leakage']['threshold'], oracle_ic: float | None = None,
+                    allow=(), horizon: int = 30, n_folds: int = _IMP['n_folds'], embargo: int = 0,
+                    lgbm_params: dict | None = None, num_boost_round: int = _IMP['num_boost_round'],
+                    early_stopping_rounds: int = _IMP['early_stopping_rounds'], shap_sample: int = _IMP['shap_sample'],
+                    max_rows: int | None = _IMP['max_rows'], seed: int = 0, num_threads: int | None = None) -> Selection:
     """Phase 1's selection on the rows where `split == 'train'`: leakage screen (raises `LeakageError`), noise
     controls, importance on inner purged folds (`horizon`: the target's, in bars), then `select_features`.
     `oracle_ic`: the oracle's IC on the training rows (embedded data). `X`, `y`, `split`, `timestamps`,

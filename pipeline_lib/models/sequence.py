@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # first, before torch loads its OpenMP runtime: pipeline_lib.core.config sets OMP_WAIT_POLICY=PASSIVE (spinning threads
 # made torch on 2 threads ~15x slower than on 1 on a busy 2-core machine)
-from ..core.config import PipelineError, deep_merge, read_yaml, repo_root
+from ..core.config import PipelineError, config_defaults, deep_merge, load_settings, read_yaml, repo_root
 
 import inspect
 import math
@@ -28,11 +28,11 @@ from .trainer import (PRECISIONS, available_cpus, fit_torch, make_loader, masked
                                  resolve_device)
 
 # %% auto #0
-__all__ = ['POOLINGS', 'MODELS', 'MODEL_DIR', 'TRAIN_DEFAULTS', 'symbol_starts', 'window_mask', 'window_ends', 'as_float32_array',
-           'WindowDataset', 'batch_loader', 'LSTMRegressor', 'sinusoidal_encoding', 'TransformerRegressor',
-           'CausalConv1d', 'ResidualBlock', 'receptive_field', 'CNN1DRegressor', 'architecture_keys', 'build_model',
-           'n_parameters', 'model_config', 'resolve_threads', 'train_settings', 'SequenceFit', 'predict_windows',
-           'fit_sequence_model', 'fit_record', 'model_from_state']
+__all__ = ['POOLINGS', 'MODELS', 'MODEL_DIR', 'PHASE_KEYS', 'TRAIN_DEFAULTS', 'symbol_starts', 'window_mask', 'window_ends',
+           'as_float32_array', 'WindowDataset', 'batch_loader', 'LSTMRegressor', 'sinusoidal_encoding',
+           'TransformerRegressor', 'CausalConv1d', 'ResidualBlock', 'receptive_field', 'CNN1DRegressor',
+           'architecture_keys', 'build_model', 'n_parameters', 'model_config', 'resolve_threads', 'train_settings',
+           'SequenceFit', 'predict_windows', 'fit_sequence_model', 'fit_record', 'model_from_state']
 
 # %% ../../nbs/403_models.sequence.ipynb #3f2c3d87
 def symbol_starts(symbols) -> np.ndarray:
@@ -376,12 +376,10 @@ def model_config(name: str, overrides: dict | None = None, model_dir=None) -> di
     return {'model': name, 'arch': raw, 'train': train, 'file': str(path)}
 
 # %% ../../nbs/403_models.sequence.ipynb #b4d0578f
-TRAIN_DEFAULTS = {
-    'batch_size': 256, 'eval_batch_size': 512, 'lr': 1e-3, 'weight_decay': 1e-2, 'grad_clip': 1.0,
-    'scheduler': 'cosine', 'max_epochs': 50, 'patience': 5, 'max_train_windows': None, 'max_valid_windows': None,
-    'target_clip': 5.0, 'time_limit': None, 'seed': 42, 'device': 'auto', 'num_threads': None, 'amp': True,
-    'predict_precision': 'float32',   # scoring and serving: one arithmetic on any device (train.PRECISIONS)
-}
+# The training keys are the YAML's `phase3` section (core.config's one home for every default) less the phase's own
+# keys, so a direct call trains the way Phase 3 does by default (capped; configs/full.yaml's values lift the caps).
+PHASE_KEYS = ('lookback', 'models', 'model_dir', 'max_train_predictions')
+TRAIN_DEFAULTS = {k: v for k, v in config_defaults('phase3').items() if k not in PHASE_KEYS}
 
 def resolve_threads(n: int | None = None) -> int:
     """`n`; else `$OMP_NUM_THREADS` (set by the batch driver for parallel runs); else the cores this process may use that
@@ -395,10 +393,12 @@ def resolve_threads(n: int | None = None) -> int:
     return int(min(cores, max(1, round(cores - busy))))
 
 def train_settings(overrides: dict | None = None) -> dict:
-    "`TRAIN_DEFAULTS` with `overrides` (unknown keys are an error)."
+    "`TRAIN_DEFAULTS` with `overrides` (unknown keys are an error); a null `seed` or `device` is settings.ini's."
     bad = [k for k in (overrides or {}) if k not in TRAIN_DEFAULTS]
     if bad: raise PipelineError(f'Unknown training key(s) {bad}; training keys: {", ".join(TRAIN_DEFAULTS)}')
     s = {**TRAIN_DEFAULTS, **(overrides or {})}
+    if s['seed'] is None: s['seed'] = int(load_settings()['seed'])
+    if s['device'] is None: s['device'] = str(load_settings().get('device') or 'auto')
     if s['predict_precision'] not in PRECISIONS:
         raise PipelineError(f'predict_precision must be one of {", ".join(PRECISIONS)}, not {s["predict_precision"]!r}')
     return s

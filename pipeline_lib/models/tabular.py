@@ -15,12 +15,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from ..evaluation.metrics import _corr_from_sums, _corr_sums, block_labels, jackknife_se
 from .trainer import available_cpus, fit_torch, masked_mse, predict_torch, seed_everything
 
 # %% auto #0
-__all__ = ['LGBM_PARAMS', 'LGBM_FIXED', 'EARLY_STOPPING_ROUNDS', 'RIDGE_ALPHAS', 'ENSEMBLE_FOLDS', 'TabularScaler', 'LGBMFit',
+__all__ = ['EARLY_STOPPING_ROUNDS', 'LGBM_PARAMS', 'LGBM_FIXED', 'RIDGE_ALPHAS', 'ENSEMBLE_FOLDS', 'TabularScaler', 'LGBMFit',
            'fit_lgbm', 'MultiTaskNet', 'censored_mse', 'MultiTaskLoss', 'MultiTaskModel', 'RidgeFit', 'fit_ridge',
            'simplex_weights', 'day_blocks', 'Ensemble', 'fit_ensemble', 'paired_ic_difference', 'mean_ci']
 
@@ -112,13 +112,13 @@ def _float_matrix(X: pd.DataFrame, columns) -> np.ndarray:
     return np.where(np.isfinite(A), A, np.nan)
 
 # %% ../../nbs/402_models.tabular.ipynb #d4dcf248
-LGBM_PARAMS = {
-    'objective': 'regression', 'learning_rate': 0.03, 'max_depth': 8, 'num_leaves': 31, 'min_child_samples': 1000,
-    'subsample': 0.75, 'subsample_freq': 1, 'colsample_bytree': 0.8, 'reg_alpha': 0.1, 'reg_lambda': 1.0,
-    'max_bin': 255, 'n_estimators': 2000,
-}
+# Defaults are the YAML's `phase2` section (core.config's one home for every default). What the config does not
+# tune stays here: a regression objective, and bagging every iteration so that `subsample` takes effect.
+_P2 = config_defaults('phase2')
+EARLY_STOPPING_ROUNDS = _P2['lightgbm']['early_stopping_rounds']
+LGBM_PARAMS = {'objective': 'regression', 'subsample_freq': 1,
+               **{k: v for k, v in _P2['lightgbm'].items() if k != 'early_stopping_rounds'}}
 LGBM_FIXED = {'deterministic': True, 'force_col_wise': True, 'verbosity': -1}
-EARLY_STOPPING_ROUNDS = 50
 
 @dataclass
 class LGBMFit:
@@ -283,6 +283,8 @@ class MultiTaskLoss:
         return {'loss': total, **parts}
 
 # %% ../../nbs/402_models.tabular.ipynb #149515a7
+_MT = config_defaults('phase2.multitask')  # the signature's defaults (phase2.multitask.time_limit is max_seconds)
+
 class MultiTaskModel:
     """A multi-task neural regressor: one shared MLP trunk and one linear head per target, trained jointly.
 
@@ -321,7 +323,7 @@ class MultiTaskModel:
         Seed of the initial weights and of the batch order.
     device : str, default='auto'
         Torch device to train on ('auto': CUDA when available, else the CPU).
-    max_seconds : float or None, default=None
+    max_seconds : float or None, default=60.0
         Stop training after the epoch in which this many seconds have passed.
 
     Attributes
@@ -360,10 +362,11 @@ class MultiTaskModel:
     >>> model.predict(X[300:]).shape
     (100, 2)
     """
-    def __init__(self, heads, *, hidden=(128, 64), dropout: float = 0.1, lr: float = 1e-4, weight_decay: float = 1e-2,
-                 epochs: int = 60, patience: int | None = 10, batch_size: int = 512, loss_weights='fixed',
-                 censored_head: str | None = 'tth', categorical=(), seed: int = 0, device: str = 'auto',
-                 max_seconds: float | None = None):
+    def __init__(self, heads, *, hidden=tuple(_MT['hidden']), dropout: float = _MT['dropout'], lr: float = _MT['lr'],
+                 weight_decay: float = _MT['weight_decay'], epochs: int = _MT['epochs'],
+                 patience: int | None = _MT['patience'], batch_size: int = _MT['batch_size'],
+                 loss_weights=_MT['loss_weights'], censored_head: str | None = 'tth', categorical=(), seed: int = 0,
+                 device: str = 'auto', max_seconds: float | None = _MT['time_limit']):
         self.heads, self.hidden, self.dropout, self.lr = [str(h) for h in heads], tuple(hidden), float(dropout), float(lr)
         self.weight_decay, self.epochs, self.patience, self.batch_size = float(weight_decay), int(epochs), patience, int(batch_size)
         self.loss_weights, self.censored_head, self.categorical = loss_weights, censored_head, tuple(categorical)
@@ -441,7 +444,7 @@ class MultiTaskModel:
             self.module_ = m.eval()
 
 # %% ../../nbs/402_models.tabular.ipynb #1cbae9c7
-RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+RIDGE_ALPHAS = tuple(_P2['ridge']['alphas'])
 
 @dataclass
 class RidgeFit:

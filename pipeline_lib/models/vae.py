@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from .trainer import fit_torch, resolve_device, seed_everything
 
 # %% auto #0
@@ -93,12 +93,16 @@ def holdout_mask(n: int, holdout_frac: float, timestamps=None) -> np.ndarray:
     if mask.all(): raise PipelineError('All rows share the latest timestamp; the VAE hold-out would leave no training rows')
     return mask
 
+# Defaults are the YAML's `phase1.vae` (core.config's one home for every default); seed and device come from the run.
+_VAE = config_defaults('phase1.vae')
+
 class VAEEncoder(TransformerMixin, BaseEstimator):
     "A variational autoencoder as a scikit-learn transformer: `transform(X)` is the encoder mean, (n, latent_dim) float32."
-    def __init__(self, latent_dim: int = 10, hidden: tuple[int, ...] = (64, 32), beta: float = 1.0,
-                 kl_warmup_epochs: int = 10, epochs: int = 60, batch_size: int = 512, lr: float = 1e-3,
-                 patience: int | None = 8, holdout_frac: float = 0.15, seed: int = 0, device: str = 'auto',
-                 max_train_rows: int | None = None, num_threads: int | None = 1):
+    def __init__(self, latent_dim: int = _VAE['latent_dim'], hidden: tuple[int, ...] = tuple(_VAE['hidden']),
+                 beta: float = _VAE['beta'], kl_warmup_epochs: int = _VAE['kl_warmup_epochs'], epochs: int = _VAE['epochs'],
+                 batch_size: int = _VAE['batch_size'], lr: float = _VAE['lr'], patience: int | None = _VAE['patience'],
+                 holdout_frac: float = _VAE['holdout_frac'], seed: int = 0, device: str = 'auto',
+                 max_train_rows: int | None = _VAE['max_train_rows'], num_threads: int | None = _VAE['num_threads']):
         self.latent_dim, self.hidden, self.beta, self.kl_warmup_epochs = latent_dim, hidden, beta, kl_warmup_epochs
         self.epochs, self.batch_size, self.lr, self.patience = epochs, batch_size, lr, patience
         self.holdout_frac, self.seed, self.device, self.max_train_rows = holdout_frac, seed, device, max_train_rows

@@ -22,35 +22,27 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..core.artifacts import (ArtifactError, ArtifactWriter, json_safe, load_joblib, load_json, merge_json_atomic,
                                     manifest_sha256, read_manifest, verify_manifest)
-from ..core.config import PipelineError, config_hash, deep_merge, load_settings
+from ..core.config import PipelineError, config_defaults, config_hash, deep_merge, load_settings
+from ..core.schema import check_section
 from ..features import FEATURE_LIBRARY_VERSION, normalise_feature_config
 from ..models.regimes import RegimeModel, regime_names, regime_stats, transition_matrix
-from ..models.selection import PHASE1_DEFAULTS, select_on_train, selection_params
+from ..models.selection import select_on_train, selection_params
 from ..data.targets import PATH_TARGETS, demean_fallback_rows, demean_returns, fitting_targets, target_horizon_bars
 from ..models.vae import VAEEncoder
 
 # %% auto #0
-__all__ = ['ENGINEERING_DEFAULTS', 'ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_options', 'is_path_target',
-           'primary_lookahead_bars', 'transformer_params', 'FeatureTransformer', 'top_features_file',
-           'feature_config_hash', 'phase1_expect', 'save_transformer', 'load_transformer', 'Phase1Missing',
-           'check_phase1', 'phase1_binding', 'load_phase1', 'Phase1Result', 'bar_returns', 'phase1_metrics',
-           'fit_phase1', 'run_phase1']
+__all__ = ['ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_options', 'is_path_target', 'primary_lookahead_bars',
+           'transformer_params', 'FeatureTransformer', 'top_features_file', 'feature_config_hash', 'phase1_expect',
+           'save_transformer', 'load_transformer', 'Phase1Missing', 'check_phase1', 'phase1_binding', 'load_phase1',
+           'Phase1Result', 'bar_returns', 'phase1_metrics', 'fit_phase1', 'run_phase1']
 
 # %% ../../nbs/503_phases.phase1.ipynb #95718fa4
-ENGINEERING_DEFAULTS = {
-    'seed': None,                 # None: settings.ini's seed
-    'num_threads': 1,             # LightGBM threads (None: all cores); see "Speed" below
-    'clip': 10.0,                 # scaled values are clipped to +/- clip
-    'leakage': {'oracle_margin_se': 2.0},
-    'vae': {'latent_dim': 10, 'hidden': [64, 32], 'beta': 1.0, 'kl_warmup_epochs': 10, 'epochs': 40,
-            'batch_size': 1024, 'lr': 0.001, 'patience': 6, 'holdout_frac': 0.15, 'max_train_rows': 40000},
-    'regimes': {'n_components': 3, 'on': 'latent', 'covariance_type': 'full', 'vol_feature': 'rvol_20',
-                'n_init': 1, 'max_iter': 200, 'max_train_rows': 50000},
-}
-
 def phase1_options(cfg: dict) -> dict:
-    "The `phase1` section of `cfg` over all defaults (selection's `PHASE1_DEFAULTS` and `ENGINEERING_DEFAULTS`)."
-    return deep_merge(deep_merge(PHASE1_DEFAULTS, ENGINEERING_DEFAULTS), (cfg or {}).get('phase1') or {})
+    "The `phase1` section of `cfg` over the YAML's defaults, checked by core.schema's one validation pass."
+    sec = deep_merge({}, (cfg or {}).get('phase1') or {})
+    reg = sec.get('regimes') or {}
+    if True in reg: reg['on'] = reg.pop(True)  # YAML 1.1 reads a bare `on:` key as True
+    return check_section('phase1', sec)
 
 def is_path_target(name: str) -> bool:
     "True for the path targets (`tth`, `mdd`, `mfe`, `tth_side`), whose leakage threshold is `path_threshold`."
@@ -67,13 +59,12 @@ def transformer_params(cfg: dict, interval='1min') -> dict:
     p = phase1_options(cfg)
     sp = selection_params({'phase1': p}, path_target=is_path_target(cfg['primary_target']))
     vae = dict(p['vae']); reg = dict(p['regimes'])
-    if True in reg: reg['on'] = reg.pop(True)  # YAML 1.1 reads a bare `on:` key as True
     seed = p.get('seed')
     if seed is None: seed = load_settings()['seed']
     return dict(
         n_features=sp['n_features'], min_importance=sp['min_importance'], max_corr=sp['max_corr'],
         n_controls=sp['n_controls'], leakage_threshold=sp['leakage_threshold'],
-        oracle_margin_se=float(p['leakage'].get('oracle_margin_se', 2.0)), allow=tuple(sp['allow']),
+        oracle_margin_se=float(p['leakage']['oracle_margin_se']), allow=tuple(sp['allow']),
         horizon=primary_lookahead_bars(cfg, interval), n_folds=sp['n_folds'], lgbm_params=sp['lgbm_params'] or None,
         num_boost_round=sp['num_boost_round'], early_stopping_rounds=sp['early_stopping_rounds'],
         shap_sample=sp['shap_sample'], max_rows=sp['max_rows'], clip=p['clip'],
@@ -106,6 +97,10 @@ def _as_vector(v, n: int, what: str) -> np.ndarray:
     return a
 
 # %% ../../nbs/503_phases.phase1.ipynb #493f3a61
+# Signature defaults are the YAML's `phase1` section (core.config's one home for every default).
+_P1 = config_defaults('phase1')
+_IMP = _P1['importance']
+
 class FeatureTransformer(TransformerMixin, BaseEstimator):
     """Phase 1 as a scikit-learn transformer: feature selection on the rows given to `fit`, then engineering.
 
@@ -213,14 +208,17 @@ class FeatureTransformer(TransformerMixin, BaseEstimator):
     >>> list(out.columns[-3:])
     ['vae_0', 'vae_1', 'regime']
     """
-    def __init__(self, n_features: int = 50, min_importance: float = 0.001, max_corr: float | None = 0.95,
-                 n_controls: int = 5, leakage_threshold: float | None = 0.3, oracle_margin_se: float = 2.0,
-                 allow=(), horizon: int = 30, n_folds: int = 3, embargo: int = 0, lgbm_params: dict | None = None,
-                 num_boost_round: int = 300, early_stopping_rounds: int = 30, shap_sample: int = 5000,
-                 max_rows: int | None = None, clip: float | None = 10.0, latent_dim: int = 10,
-                 vae_params: dict | None = None, n_regimes: int = 3, regime_on: str = 'latent',
-                 vol_feature: str | None = 'rvol_20', regime_params: dict | None = None, seed: int = 0,
-                 num_threads: int | None = 1, device: str = 'auto', min_rows: int = 10):
+    def __init__(self, n_features: int = _P1['n_features'], min_importance: float = _P1['min_importance'],
+                 max_corr: float | None = _P1['max_corr'], n_controls: int = _P1['n_controls'],
+                 leakage_threshold: float | None = _P1['leakage']['threshold'],
+                 oracle_margin_se: float = _P1['leakage']['oracle_margin_se'], allow=(), horizon: int = 30,
+                 n_folds: int = _IMP['n_folds'], embargo: int = 0, lgbm_params: dict | None = None,
+                 num_boost_round: int = _IMP['num_boost_round'], early_stopping_rounds: int = _IMP['early_stopping_rounds'],
+                 shap_sample: int = _IMP['shap_sample'], max_rows: int | None = _IMP['max_rows'],
+                 clip: float | None = _P1['clip'], latent_dim: int = _P1['vae']['latent_dim'], vae_params: dict | None = None,
+                 n_regimes: int = _P1['regimes']['n_components'], regime_on: str = _P1['regimes']['on'],
+                 vol_feature: str | None = _P1['regimes']['vol_feature'], regime_params: dict | None = None, seed: int = 0,
+                 num_threads: int | None = _P1['num_threads'], device: str = 'auto', min_rows: int = 10):
         self.n_features, self.min_importance, self.max_corr, self.n_controls = n_features, min_importance, max_corr, n_controls
         self.leakage_threshold, self.oracle_margin_se, self.allow = leakage_threshold, oracle_margin_se, allow
         self.horizon, self.n_folds, self.embargo, self.lgbm_params = horizon, n_folds, embargo, lgbm_params

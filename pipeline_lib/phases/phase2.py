@@ -16,8 +16,10 @@ import pandas as pd
 
 from ..core.artifacts import (ArtifactError, ArtifactWriter, atomic_write_bytes, dir_lock, json_safe,
                                          load_joblib, load_json, merge_json_atomic, verify_manifest)
-from ..core.config import PipelineError, config_hash, deep_merge, load_settings
-from ..models.tabular import (EARLY_STOPPING_ROUNDS, RIDGE_ALPHAS, Ensemble, LGBMFit, MultiTaskModel,
+from ..core.config import PipelineError, config_hash, load_settings
+from ..core.schema import check_section
+from ..models.registry import CORE_MODELS
+from ..models.tabular import (EARLY_STOPPING_ROUNDS, Ensemble, LGBMFit, MultiTaskModel,
                                       RidgeFit, fit_ensemble, fit_lgbm, fit_ridge, mean_ci)
 from ..evaluation.metrics import backtest, evaluate, evaluate_splits, results_row
 from .verdict import compare, format_or_na, phase1_cost, verdict
@@ -27,38 +29,21 @@ from ..data.targets import (PATH_TARGETS, demean_fallback_rows, demean_returns, 
                                   target_horizon_bars)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'PHASE2_DEFAULTS', 'KEYS', 'VALID_ROLE', 'CORE_DIR', 'phase2_options',
-           'model_targets', 'Fits', 'fit_models', 'member_predictions', 'predict_all', 'prediction_frame',
-           'merge_predictions', 'model_metrics', 'model_backtests', 'daily_ic', 'inner_split', 'walk_forward',
-           'write_core_models', 'CoreModels', 'load_core_models', 'Phase2Result', 'run_phase2']
+__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'KEYS', 'VALID_ROLE', 'CORE_DIR', 'phase2_options', 'model_targets',
+           'Fits', 'fit_models', 'member_predictions', 'predict_all', 'prediction_frame', 'merge_predictions',
+           'model_metrics', 'model_backtests', 'daily_ic', 'inner_split', 'walk_forward', 'write_core_models',
+           'CoreModels', 'load_core_models', 'Phase2Result', 'run_phase2']
 
 # %% ../../nbs/504_phases.phase2.ipynb #332c140c
-MODEL_NAMES = ('lightgbm', 'multitask', 'ensemble', 'ridge', 'baseline_all_features')
+MODEL_NAMES = CORE_MODELS  # the registry's Phase 2 models, in report order
 ARTIFACT_KIND = 'phase2'
 REBUILD_HINT = 're-run Phase 2 (python run_notebooks.py --phases 2)'
 
-PHASE2_DEFAULTS = {
-    'models': list(MODEL_NAMES),
-    'targets': [],                    # LightGBM/ridge/ensemble targets besides primary_target, e.g. [tth, mdd, mfe]
-    'seed': None,                     # None: settings.ini's seed
-    'lightgbm': {'learning_rate': 0.03, 'max_depth': 8, 'num_leaves': 31, 'min_child_samples': 1000,
-                 'subsample': 0.75, 'colsample_bytree': 0.8, 'reg_alpha': 0.1, 'reg_lambda': 1.0, 'max_bin': 255,
-                 'n_estimators': 2000, 'early_stopping_rounds': 50},
-    'multitask': {'heads': [], 'hidden': [128, 64], 'dropout': 0.1, 'lr': 1e-4, 'weight_decay': 0.01, 'epochs': 60,
-                  'patience': 10, 'batch_size': 512, 'loss_weights': 'fixed', 'head_weights': {}, 'time_limit': 60.0},
-    'ridge': {'alphas': list(RIDGE_ALPHAS)},
-    'backtest': {'cost_bps': 1.0, 'quantile': 0.2},
-    'shap_sample': 2000,              # rows of test for the SHAP summary of the final LightGBM
-    'walk_forward': False,            # also evaluate the models over purged expanding folds
-    'n_folds': 4,                     # walk-forward folds
-}
-
 def phase2_options(cfg: dict) -> dict:
-    """The `phase2` section of `cfg` over `PHASE2_DEFAULTS`, checked (unknown models are an error), plus
-    `targets.demean_returns` and `purge_bars` (the longest label window: the ensemble's out-of-fold purge)."""
-    s = deep_merge(PHASE2_DEFAULTS, (cfg or {}).get('phase2') or {})
-    bad = [m for m in s['models'] if m not in MODEL_NAMES]
-    if bad: raise PipelineError(f'Unknown model(s) {bad} in phase2.models; available: {", ".join(MODEL_NAMES)}')
+    """The `phase2` section of `cfg` over the YAML's defaults, checked by core.schema's one validation pass (models
+    from `MODEL_NAMES`), plus `targets.demean_returns` and `purge_bars` (the longest label window: the ensemble's
+    out-of-fold purge)."""
+    s = check_section('phase2', (cfg or {}).get('phase2'), models=MODEL_NAMES)
     if s['multitask']['loss_weights'] not in ('fixed', 'uncertainty'):
         raise PipelineError(f"phase2.multitask.loss_weights must be 'fixed' or 'uncertainty', not {s['multitask']['loss_weights']!r}")
     if s['seed'] is None: s['seed'] = int(load_settings()['seed'])

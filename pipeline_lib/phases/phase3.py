@@ -21,68 +21,41 @@ from ..core.artifacts import (ArtifactError, ArtifactWriter, json_safe, load_jso
 from ..evaluation.metrics import SPLITS, evaluate, evaluate_splits, results_row
 from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
 from ..data.targets import demean_returns, fitting_targets
+from ..core.schema import check_section
+from ..models.registry import SEQUENCE_MODELS
 from ..models.trainer import PRECISIONS
-from ..models.sequence import (MODELS, TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_config,
+from ..models.sequence import (TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_config,
                                    model_from_state, predict_windows, window_ends, window_mask)
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'PHASE3_DEFAULTS', 'TRAIN_KEYS', 'VALID_ROLE',
-           'phase3_options', 'model_options', 'transform_array', 'scored_rows', 'model_metrics', 'compare_with_phase2',
+__all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'TRAIN_KEYS', 'VALID_ROLE', 'phase3_options',
+           'model_options', 'transform_array', 'scored_rows', 'model_metrics', 'compare_with_phase2',
            'write_sequence_models', 'SequenceModels', 'load_sequence_models', 'Phase3Result', 'run_phase3']
 
 # %% ../../nbs/505_phases.phase3.ipynb #476ad9a5
-MODEL_NAMES = tuple(MODELS)
+MODEL_NAMES = SEQUENCE_MODELS  # the registry's Phase 3 models (models.sequence.MODELS builds each)
 ARTIFACT_KIND = 'phase3'
 SEQ_DIR = 'sequential_models'
 REBUILD_HINT = 're-run Phase 3 (python run_notebooks.py --phases 3)'
 
-PHASE3_DEFAULTS = {
-    'lookback': 32,
-    'models': list(MODEL_NAMES),
-    'model_dir': 'configs/models',
-    'seed': None,                    # None: settings.ini's seed
-    'device': None,                  # None: settings.ini's device (auto: CUDA when present, with mixed precision)
-    'num_threads': None,             # None: $OMP_NUM_THREADS, else the cores other processes leave idle
-    'batch_size': 256,
-    'eval_batch_size': 512,
-    'predict_precision': 'float32',  # float32 | bfloat16 | float16: how Phase 3 scores and how its models serve
-    'lr': 0.001,
-    'weight_decay': 0.01,
-    'grad_clip': 1.0,
-    'scheduler': 'cosine',
-    'target_clip': 5.0,
-    # caps (the default config is capped; configs/full.yaml lifts them)
-    'max_epochs': 3,
-    'patience': 2,
-    'max_train_windows': 8192,       # per epoch: a fresh random draw of the training windows each epoch
-    'max_valid_windows': 4096,       # one fixed random subset of the validation windows, for early stopping
-    'max_train_predictions': 10000,  # training rows scored for the train metrics (valid and test: always all)
-    'time_limit': None,
-}
 TRAIN_KEYS = tuple(k for k in TRAIN_DEFAULTS)
 
 # %% ../../nbs/505_phases.phase3.ipynb #963044ba
 def phase3_options(cfg: dict) -> dict:
-    """The `phase3` section of `cfg` over `PHASE3_DEFAULTS`, checked; `models` becomes {name: overrides} and `seed`,
-    `device` are resolved from settings.ini when null."""
-    sec = (cfg or {}).get('phase3') or {}
-    bad = [k for k in sec if k not in PHASE3_DEFAULTS]
-    if bad: raise PipelineError(f'Unknown phase3 key(s) {bad}; phase3 keys: {", ".join(PHASE3_DEFAULTS)}')
-    s = deep_merge(PHASE3_DEFAULTS, sec)
+    """The `phase3` section of `cfg` over the YAML's defaults, checked by core.schema's one validation pass (models
+    from `MODEL_NAMES`) and against the split; `models` becomes {name: overrides} and `seed`, `device` are resolved
+    from settings.ini when null."""
+    sec = deep_merge({}, (cfg or {}).get('phase3') or {})
+    if isinstance(sec.get('models'), (str, tuple)):  # one name, or a tuple from Python: a list of names
+        sec['models'] = [sec['models']] if isinstance(sec['models'], str) else list(sec['models'])
+    s = check_section('phase3', sec, models=MODEL_NAMES)
     models = s['models']
-    if isinstance(models, str): models = [models]
-    if isinstance(models, dict): models = {k: dict(v or {}) for k, v in models.items()}
-    elif isinstance(models, (list, tuple)): models = {k: {} for k in models}
-    else: raise PipelineError(f'phase3.models must be a list of model names or a mapping name -> overrides, not {models!r}')
-    unknown = [m for m in models if m not in MODEL_NAMES]
-    if unknown: raise PipelineError(f'Unknown model(s) {unknown} in phase3.models; available: {", ".join(MODEL_NAMES)}')
+    models = {k: dict(v or {}) for k, v in models.items()} if isinstance(models, dict) else {k: {} for k in models}
     if not models: raise PipelineError('phase3.models is empty; name at least one of ' + ', '.join(MODEL_NAMES))
     s['models'] = models
     if s['predict_precision'] not in PRECISIONS:
         raise PipelineError(f'phase3.predict_precision must be one of {", ".join(PRECISIONS)}, not {s["predict_precision"]!r}')
-    L = s['lookback']
-    if isinstance(L, bool) or not isinstance(L, int) or L < 1:
-        raise PipelineError(f'phase3.lookback must be a whole number of bars >= 1, not {L!r}')
+    L = s['lookback']  # an int >= 1: the schema checked it
     max_lb = int(((cfg or {}).get('split') or {}).get('max_lookback', L))
     if L > max_lb:
         raise PipelineError(f'phase3.lookback ({L}) is longer than split.max_lookback ({max_lb}), which sizes the gaps of the '
