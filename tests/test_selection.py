@@ -8,9 +8,9 @@ import pytest
 
 from pipeline_lib.core.config import PipelineError
 from pipeline_lib.evaluation.metrics import block_labels, pearson_with_se
-from pipeline_lib.models.selection import (ImportanceResult, LeakageError, add_noise_controls, check_leakage, feature_ic,
-                                    feature_importance, leakage_screen, select_features, select_on_train,
-                                    selection_params, synthetic_panel)
+from pipeline_lib.models.importance import (ImportanceResult, LeakageError, add_noise_controls, check_leakage, feature_ic,
+                                            feature_importance, leakage_screen)
+from pipeline_lib.models.selection import select_features, select_on_train, selection_params, synthetic_panel
 from pipeline_lib.data.splits import make_split
 
 PLANTED = ['f00', 'f01', 'f02']
