@@ -265,7 +265,8 @@ def _short(path) -> str:
 
 def load_run(run, reports_base=None) -> LoadedRun:
     "Find `run` (name or `reports/<run>` path), verify every artifact it recorded, and load its models."
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_binding, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_binding, phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     d = find_run(run, reports_base)
     cfg, rec, found = verify_run(d)
     md, m1 = found['phase1']

@@ -12,7 +12,8 @@ import pytest
 import pipeline_lib.phases.phase2 as phase2
 from pipeline_lib.core.config import deep_merge, load_config
 from pipeline_lib.models.tabular import MultiTaskModel
-from pipeline_lib.phases.phase1 import FeatureTransformer, run_phase1
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.transformer import FeatureTransformer
 from pipeline_lib.evaluation.metrics import evaluate
 from pipeline_lib.phases.phase2 import inner_split, run_phase2
 from pipeline_lib.phases.run_data import prepare_run_data
