@@ -368,7 +368,7 @@ def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, 
     at = np.searchsorted(win, rows)
     preds = {}
     if tab:
-        from pipeline_lib.phases.phase2 import predict_all
+        from pipeline_lib.phases.training import predict_all
         Fb = None
         if 'baseline_all_features' in tab:   # unused columns are never read by its trees: NaN placeholders
             Fb = F.iloc[rows].reindex(columns=next(iter(run.core.fits.baseline.values())).features)
