@@ -265,7 +265,8 @@ def _short(path) -> str:
 
 def load_run(run, reports_base=None) -> LoadedRun:
     "Find `run` (name or `reports/<run>` path), verify every artifact it recorded, and load its models."
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_binding, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_binding, phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     d = find_run(run, reports_base)
     cfg, rec, found = verify_run(d)
     md, m1 = found['phase1']
@@ -367,7 +368,7 @@ def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, 
     at = np.searchsorted(win, rows)
     preds = {}
     if tab:
-        from pipeline_lib.phases.phase2 import predict_all
+        from pipeline_lib.phases.training import predict_all
         Fb = None
         if 'baseline_all_features' in tab:   # unused columns are never read by its trees: NaN placeholders
             Fb = F.iloc[rows].reindex(columns=next(iter(run.core.fits.baseline.values())).features)

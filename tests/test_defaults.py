@@ -257,7 +257,8 @@ def test_selection_defaults_agree_with_the_yaml():
 def test_feature_transformer_defaults_are_the_default_runs():
     "`FeatureTransformer()` and the transformer a default run builds (`transformer_params`) take the same values."
     from pipeline_lib.core.config import load_config
-    from pipeline_lib.phases.phase1 import FeatureTransformer, transformer_params
+    from pipeline_lib.phases.phase1 import transformer_params
+    from pipeline_lib.phases.transformer import FeatureTransformer
     run = transformer_params(load_config())
     params = inspect.signature(FeatureTransformer).parameters
     # horizon comes from the target, seed/device from settings.ini; the dicts are passed whole (checked above)

@@ -11,7 +11,8 @@ import pytest
 
 from pipeline_lib.models.tabular import day_blocks, fit_ensemble, simplex_weights
 from pipeline_lib.evaluation.metrics import evaluate
-from pipeline_lib.phases.phase2 import Fits, model_metrics, predict_all
+from pipeline_lib.phases.phase2 import model_metrics
+from pipeline_lib.phases.training import Fits, predict_all
 from pipeline_lib.phases.verdict import MIN_TEST_DAYS, compare, phase1_cost, verdict
 
 T = 'fwd_ret_5m'

@@ -19,7 +19,8 @@ from pipeline_lib.core.artifacts import ArtifactError
 from pipeline_lib.core.config import load_config
 from pipeline_lib.features import FEATURE_FAMILIES, normalise_feature_config
 from pipeline_lib.data.market import ORACLE_SOURCES
-from pipeline_lib.phases.phase1 import (FeatureTransformer, phase1_expect, run_phase1, top_features_file, transformer_params)
+from pipeline_lib.phases.phase1 import phase1_expect, run_phase1, top_features_file, transformer_params
+from pipeline_lib.phases.transformer import FeatureTransformer
 from pipeline_lib.phases.run_data import prepare_run_data
 from pipeline_lib.models.importance import LeakageError
 from pipeline_lib.models.selection import synthetic_panel

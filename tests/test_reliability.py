@@ -257,7 +257,8 @@ def no_unpickling(monkeypatch):
 
 @pytest.mark.e2e
 def test_modified_artifact_is_refused(meta_copy, no_unpickling):
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     gmm = next(p for p in (meta_copy/'metadata').iterdir() if 'gmm' in p.name)
     data = bytearray(gmm.read_bytes()); data[len(data)//2] ^= 0xFF; gmm.write_bytes(bytes(data))
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run')
@@ -268,7 +269,8 @@ def test_modified_artifact_is_refused(meta_copy, no_unpickling):
 
 @pytest.mark.e2e
 def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpickling):
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--set', 'features.exclude=[rsi]', '--phases', '2', '--dry-run')
     assert rc == EXIT_BAD_INPUT and 'different Phase 1 config' in err and 'features.exclude' in err, err
     other = load_config(QUICK, {'features': {'exclude': ['rsi']}})
@@ -279,7 +281,8 @@ def test_artifacts_of_another_feature_config_are_refused(meta_copy, no_unpicklin
 @pytest.mark.e2e
 def test_artifacts_of_another_library_version_warn_clearly(meta_copy, monkeypatch):
     "Another pipeline_lib version: a warning (the hashes and config still match, so they are usable), or a refusal on request."
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     mp = meta_copy/'metadata'/'manifest.json'
     m = json.loads(mp.read_text()); m['versions']['pipeline_lib'] = '9.9.9'; mp.write_text(json.dumps(m))
     rc, out, err = main_in(meta_copy, '--config', 'configs/quick.yaml', '--phases', '2', '--dry-run')
@@ -302,7 +305,8 @@ def test_data_that_changed_since_phase1_is_refused(meta_copy, no_unpickling, tmp
     from pipeline_lib.features.store import data_fingerprint
     from pipeline_lib.data.load import load_bars
     from pipeline_lib.data.market import make_market
-    from pipeline_lib.phases.phase1 import FeatureTransformer, phase1_expect
+    from pipeline_lib.phases.phase1 import phase1_expect
+    from pipeline_lib.phases.transformer import FeatureTransformer
     bars, _ = make_market(n_symbols=2, n_days=3, seed=3)
     path = tmp_path/'bars.parquet'
     bars.to_parquet(path)

@@ -10,11 +10,15 @@ import pandas as pd
 import pytest
 
 import pipeline_lib.phases.phase2 as phase2
+import pipeline_lib.phases.training as training
+import pipeline_lib.phases.walk_forward as walk_forward_module
 from pipeline_lib.core.config import deep_merge, load_config
 from pipeline_lib.models.tabular import MultiTaskModel
-from pipeline_lib.phases.phase1 import FeatureTransformer, run_phase1
+from pipeline_lib.phases.phase1 import run_phase1
+from pipeline_lib.phases.transformer import FeatureTransformer
 from pipeline_lib.evaluation.metrics import evaluate
-from pipeline_lib.phases.phase2 import inner_split, run_phase2
+from pipeline_lib.phases.phase2 import run_phase2
+from pipeline_lib.phases.walk_forward import inner_split
 from pipeline_lib.phases.run_data import prepare_run_data
 from pipeline_lib.data.splits import purged_walk_forward
 from pipeline_lib.data.targets import max_horizon
@@ -78,12 +82,12 @@ class _Spies:
             return mt_fit_orig(model, X, Y, X_valid, *a, **kw)
         mt_fit_orig = MultiTaskModel.fit
 
-        fitting_targets = phase2.fitting_targets
+        fitting_targets = training.fitting_targets
         def targets_spy(targets, *a, **kw):   # every label a Phase 2 model learns from or is chosen on passes here
             if spies.active: spies.events.append(('labels', _rows(targets), None))
             return fitting_targets(targets, *a, **kw)
 
-        evaluate = phase2.evaluate
+        evaluate = walk_forward_module.evaluate
         def evaluate_spy(y, pred, timestamps, *a, **kw):
             if spies.active: spies.events.append(('block', np.asarray(timestamps).astype('datetime64[ns]').astype('int64'), None))
             return evaluate(y, pred, timestamps, *a, **kw)
@@ -97,10 +101,10 @@ class _Spies:
         monkeypatch.setattr(FeatureTransformer, 'fit', fit_spy)
         monkeypatch.setattr(FeatureTransformer, 'transform', transform_spy)
         monkeypatch.setattr(MultiTaskModel, 'fit', mt_fit)
-        monkeypatch.setattr(phase2, 'fit_lgbm', learner('lightgbm', phase2.fit_lgbm))
-        monkeypatch.setattr(phase2, 'fit_ridge', learner('ridge', phase2.fit_ridge))
-        monkeypatch.setattr(phase2, 'fitting_targets', targets_spy)
-        monkeypatch.setattr(phase2, 'evaluate', evaluate_spy)
+        monkeypatch.setattr(training, 'fit_lgbm', learner('lightgbm', training.fit_lgbm))
+        monkeypatch.setattr(training, 'fit_ridge', learner('ridge', training.fit_ridge))
+        monkeypatch.setattr(training, 'fitting_targets', targets_spy)
+        monkeypatch.setattr(walk_forward_module, 'evaluate', evaluate_spy)
         monkeypatch.setattr(phase2, 'walk_forward', wf_spy)
 
     def by_fold(self) -> list[tuple[int, list]]:

@@ -8,7 +8,7 @@ __all__ = ['FeatureTransformer']
 # %% ../../nbs/500_phases.ipynb #c8fafb74
 def __getattr__(name):
     if name == 'FeatureTransformer':
-        from pipeline_lib.phases.phase1 import FeatureTransformer
+        from pipeline_lib.phases.transformer import FeatureTransformer
         return FeatureTransformer
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 

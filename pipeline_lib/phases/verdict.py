@@ -14,7 +14,7 @@ from ..core.artifacts import ArtifactError, json_safe, read_json
 from ..evaluation.metrics import SPLITS, evaluate
 from ..models.tabular import paired_ic_difference
 
-if TYPE_CHECKING: from pipeline_lib.phases.phase2 import Fits   # phase2 imports this module
+if TYPE_CHECKING: from pipeline_lib.phases.training import Fits   # for annotations only: phase2, which imports this module, imports training
 
 # %% auto #0
 __all__ = ['MIN_TEST_DAYS', 'CHOSEN_BY', 'phase1_cost', 'compare', 'format_or_na', 'verdict']
