@@ -282,7 +282,8 @@ def test_training_defaults_are_phase3s():
 
 
 def test_tabular_defaults_are_phase2s():
-    from pipeline_lib.models.tabular import EARLY_STOPPING_ROUNDS, LGBM_PARAMS, RIDGE_ALPHAS, MultiTaskModel
+    from pipeline_lib.models.multitask import MultiTaskModel
+    from pipeline_lib.models.tabular import EARLY_STOPPING_ROUNDS, LGBM_PARAMS, RIDGE_ALPHAS
     p2 = config_defaults('phase2')
     lgbm = dict(p2['lightgbm'])
     assert EARLY_STOPPING_ROUNDS == lgbm.pop('early_stopping_rounds')

@@ -11,7 +11,7 @@ import pytest
 
 import pipeline_lib.phases.phase2 as phase2
 from pipeline_lib.core.config import deep_merge, load_config
-from pipeline_lib.models.tabular import MultiTaskModel
+from pipeline_lib.models.multitask import MultiTaskModel
 from pipeline_lib.phases.phase1 import FeatureTransformer, run_phase1
 from pipeline_lib.evaluation.metrics import evaluate
 from pipeline_lib.phases.phase2 import inner_split, run_phase2
