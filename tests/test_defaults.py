@@ -269,7 +269,7 @@ def test_feature_transformer_defaults_are_the_default_runs():
 
 def test_each_phase_reads_its_models_from_the_registry():
     from pipeline_lib.models.registry import PHASE_MODELS
-    from pipeline_lib.models.sequence import MODELS
+    from pipeline_lib.models.sequence_nets import MODELS
     from pipeline_lib.phases import phase2, phase3
     assert phase2.MODEL_NAMES is PHASE_MODELS['phase2'] and phase3.MODEL_NAMES is PHASE_MODELS['phase3']
     assert tuple(MODELS) == PHASE_MODELS['phase3']  # every Phase 3 name has a sequence model class, in order
