@@ -20,8 +20,8 @@ from ..core.config import PipelineError, config_hash, load_settings
 from ..core.schema import check_section
 from ..models.registry import CORE_MODELS
 from ..models.multitask import MultiTaskModel
-from ..models.tabular import (EARLY_STOPPING_ROUNDS, Ensemble, LGBMFit, RidgeFit, fit_ensemble, fit_lgbm,
-                                      fit_ridge, mean_ci)
+from ..models.ensemble import Ensemble, fit_ensemble
+from ..models.tabular import EARLY_STOPPING_ROUNDS, LGBMFit, RidgeFit, fit_lgbm, fit_ridge, mean_ci
 from ..evaluation.metrics import backtest, evaluate, evaluate_splits, results_row
 from .verdict import compare, format_or_na, phase1_cost, verdict
 from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
