@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline_lib.models.sequence import MODELS, fit_sequence_model, model_config, predict_windows, window_ends  # noqa: E402
+from pipeline_lib.models.sequence import fit_sequence_model, predict_windows, window_ends  # noqa: E402
+from pipeline_lib.models.sequence_nets import MODELS, model_config  # noqa: E402
 
 
 def _rss() -> int:

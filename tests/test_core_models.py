@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pipeline_lib.core.config import PipelineError
-from pipeline_lib.models.tabular import (MultiTaskLoss, MultiTaskModel, MultiTaskNet, TabularScaler, censored_mse, day_blocks,
-                                      fit_ensemble, fit_lgbm, fit_ridge, mean_ci, paired_ic_difference, simplex_weights)
+from pipeline_lib.models.multitask import MultiTaskLoss, MultiTaskModel, MultiTaskNet, censored_mse
+from pipeline_lib.models.ensemble import day_blocks, fit_ensemble, simplex_weights
+from pipeline_lib.models.tabular import TabularScaler, fit_lgbm, fit_ridge, mean_ci, paired_ic_difference
 
 
 def _panel(n=6000, seed=0, signal=0.3):

@@ -270,7 +270,7 @@ def test_feature_transformer_defaults_are_the_default_runs():
 
 def test_each_phase_reads_its_models_from_the_registry():
     from pipeline_lib.models.registry import PHASE_MODELS
-    from pipeline_lib.models.sequence import MODELS
+    from pipeline_lib.models.sequence_nets import MODELS
     from pipeline_lib.phases import phase2, phase3
     assert phase2.MODEL_NAMES is PHASE_MODELS['phase2'] and phase3.MODEL_NAMES is PHASE_MODELS['phase3']
     assert tuple(MODELS) == PHASE_MODELS['phase3']  # every Phase 3 name has a sequence model class, in order
@@ -283,7 +283,8 @@ def test_training_defaults_are_phase3s():
 
 
 def test_tabular_defaults_are_phase2s():
-    from pipeline_lib.models.tabular import EARLY_STOPPING_ROUNDS, LGBM_PARAMS, RIDGE_ALPHAS, MultiTaskModel
+    from pipeline_lib.models.multitask import MultiTaskModel
+    from pipeline_lib.models.tabular import EARLY_STOPPING_ROUNDS, LGBM_PARAMS, RIDGE_ALPHAS
     p2 = config_defaults('phase2')
     lgbm = dict(p2['lightgbm'])
     assert EARLY_STOPPING_ROUNDS == lgbm.pop('early_stopping_rounds')

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline_lib.models.tabular import day_blocks, fit_ensemble, simplex_weights
+from pipeline_lib.models.ensemble import day_blocks, fit_ensemble, simplex_weights
 from pipeline_lib.evaluation.metrics import evaluate
 from pipeline_lib.phases.phase2 import model_metrics
 from pipeline_lib.phases.training import Fits, predict_all

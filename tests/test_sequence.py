@@ -11,9 +11,9 @@ import torch
 
 from pipeline_lib.core.config import PipelineError
 from pipeline_lib.data.load import DataError
-from pipeline_lib.models.sequence import (MODELS, POOLINGS, WindowDataset, batch_loader, build_model, fit_record,
-                                   fit_sequence_model, model_config, model_from_state, predict_windows, receptive_field,
-                                   resolve_threads, symbol_starts, window_ends, window_mask)
+from pipeline_lib.models.sequence import (WindowDataset, batch_loader, fit_record, fit_sequence_model, model_from_state,
+                                   predict_windows, resolve_threads, symbol_starts, window_ends, window_mask)
+from pipeline_lib.models.sequence_nets import MODELS, POOLINGS, build_model, model_config, receptive_field
 
 FAST = {'device': 'cpu', 'num_threads': 1}
 

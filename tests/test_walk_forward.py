@@ -13,7 +13,7 @@ import pipeline_lib.phases.phase2 as phase2
 import pipeline_lib.phases.training as training
 import pipeline_lib.phases.walk_forward as walk_forward_module
 from pipeline_lib.core.config import deep_merge, load_config
-from pipeline_lib.models.tabular import MultiTaskModel
+from pipeline_lib.models.multitask import MultiTaskModel
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.transformer import FeatureTransformer
 from pipeline_lib.evaluation.metrics import evaluate

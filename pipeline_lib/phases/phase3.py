@@ -24,8 +24,9 @@ from ..data.targets import demean_returns, fitting_targets
 from ..core.schema import check_section
 from ..models.registry import SEQUENCE_MODELS
 from ..models.trainer import PRECISIONS
-from ..models.sequence import (TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_config,
-                                   model_from_state, predict_windows, window_ends, window_mask)
+from ..models.sequence import (TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_from_state,
+                                   predict_windows, window_ends, window_mask)
+from ..models.sequence_nets import model_config
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'TRAIN_KEYS', 'VALID_ROLE', 'phase3_options',

@@ -13,7 +13,9 @@ import pandas as pd
 
 from ..core.config import PipelineError, load_settings
 from ..data.targets import fitting_targets
-from ..models.tabular import EARLY_STOPPING_ROUNDS, MultiTaskModel, fit_ensemble, fit_lgbm, fit_ridge
+from ..models.ensemble import fit_ensemble
+from ..models.multitask import MultiTaskModel
+from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge
 
 # %% auto #0
 __all__ = ['Fits', 'fit_models', 'member_predictions', 'predict_all']
