@@ -1,4 +1,4 @@
-"""Unit tests of pipeline_lib.models.tabular on small synthetic data: ensemble weights, NaN masking and censoring in the
+"""Unit tests of pipeline_lib.models.tabular, .multitask and .ensemble on small synthetic data: ensemble weights, NaN masking and censoring in the
 multi-task loss, LightGBM determinism, scaling, ridge, the paired IC difference."""
 from __future__ import annotations
 

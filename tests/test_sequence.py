@@ -1,4 +1,4 @@
-"""Lookback windows and sequence models (pipeline_lib.models.sequence): windows never cross symbols or splits, a window's last
+"""Lookback windows and sequence models (pipeline_lib.models.sequence, .sequence_nets): windows never cross symbols or splits, a window's last
 row is its target row, windows are views into one array, the models learn what only a window can tell, configs are
 checked, and state dicts round-trip with weights_only=True."""
 from __future__ import annotations

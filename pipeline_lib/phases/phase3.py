@@ -34,7 +34,7 @@ __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'TRAIN_KEY
            'write_sequence_models', 'SequenceModels', 'load_sequence_models', 'Phase3Result', 'run_phase3']
 
 # %% ../../nbs/505_phases.phase3.ipynb #476ad9a5
-MODEL_NAMES = SEQUENCE_MODELS  # the registry's Phase 3 models (models.sequence.MODELS builds each)
+MODEL_NAMES = SEQUENCE_MODELS  # the registry's Phase 3 models (models.sequence_nets.MODELS builds each)
 ARTIFACT_KIND = 'phase3'
 SEQ_DIR = 'sequential_models'
 REBUILD_HINT = 're-run Phase 3 (python run_notebooks.py --phases 3)'
