@@ -5,7 +5,7 @@
 # %% ../../nbs/505_phases.phase3.ipynb #877672a3
 from __future__ import annotations
 
-from ..core.config import PipelineError, config_hash, deep_merge, load_settings  # first: OMP_WAIT_POLICY before torch
+from ..core.config import PipelineError, config_hash, deep_merge  # first: OMP_WAIT_POLICY before torch
 
 import time
 import warnings
@@ -23,9 +23,8 @@ from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
 from ..data.targets import demean_returns, fitting_targets
 from ..core.schema import check_section
 from ..models.registry import SEQUENCE_MODELS
-from ..models.trainer import PRECISIONS
 from ..models.sequence import (TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_from_state,
-                                   predict_windows, window_ends, window_mask)
+                                          predict_windows, train_settings, window_ends, window_mask)
 from ..models.sequence_nets import model_config
 
 # %% auto #0
@@ -54,8 +53,6 @@ def phase3_options(cfg: dict) -> dict:
     models = {k: dict(v or {}) for k, v in models.items()} if isinstance(models, dict) else {k: {} for k in models}
     if not models: raise PipelineError('phase3.models is empty; name at least one of ' + ', '.join(MODEL_NAMES))
     s['models'] = models
-    if s['predict_precision'] not in PRECISIONS:
-        raise PipelineError(f'phase3.predict_precision must be one of {", ".join(PRECISIONS)}, not {s["predict_precision"]!r}')
     L = s['lookback']  # an int >= 1: the schema checked it
     max_lb = int(((cfg or {}).get('split') or {}).get('max_lookback', L))
     if L > max_lb:
@@ -63,9 +60,7 @@ def phase3_options(cfg: dict) -> dict:
                             f"run's split: windows would reach from the first validation/test rows back into the previous "
                             f'split. Lower phase3.lookback to <= {max_lb}, or raise split.max_lookback to >= {L} (the split '
                             'changes, so Phase 1 and 2 must be re-run too).')
-    st = load_settings()
-    if s['seed'] is None: s['seed'] = int(st['seed'])
-    if s['device'] is None: s['device'] = str(st.get('device') or 'auto')
+    s.update(train_settings({k: s[k] for k in TRAIN_KEYS}))  # the precision checked; a null seed or device from settings.ini
     return s
 
 def model_options(name: str, opts: dict) -> dict:
