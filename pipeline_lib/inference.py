@@ -185,6 +185,7 @@ def history_position(symbols) -> np.ndarray:
 # %% ../nbs/701_inference.ipynb #04ed4f36
 SEQUENCE_NAMES = ('lstm', 'transformer', 'cnn1d')
 
+# %% ../nbs/701_inference.ipynb #3f517449
 @dataclass
 class LoadedRun:
     "A verified run ready to predict; build it with `load_run`."
@@ -249,6 +250,7 @@ class LoadedRun:
         "Predictions for `bars` (canonical frame); see `predict_bars`."
         return predict_bars(self, bars, models, targets, last_only=last_only, allow_partial_universe=allow_partial_universe)
 
+# %% ../nbs/701_inference.ipynb #031a2a54
 def _names(given, avail: list, what: str, run: str) -> list:
     if given is None: return list(avail)
     given = [given] if isinstance(given, str) else list(given)

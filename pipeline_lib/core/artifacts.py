@@ -135,6 +135,7 @@ def read_json(path, what: str = 'JSON file'):
         raise ArtifactError(f'{_show(path)} is not valid JSON ({e}); it was damaged or edited by hand: '
                             'restore it or delete it and re-run the step that writes it') from None
 
+# %% ../../nbs/001_core.artifacts.ipynb #f2c76970
 def merge_json_atomic(path, key: str, value) -> dict:
     "Set top-level `key` of the JSON object at `path` to `value` (file created if missing), atomically and under a lock; returns the merged object."
     path = Path(path)
@@ -396,6 +397,7 @@ def read_manifest(artifact_dir, *, kind: str | None = None, hint: str | None = N
     "The manifest of `artifact_dir`, without checking files; `ArtifactError` when the folder or manifest is missing or unreadable."
     return _read_manifest(artifact_dir, kind, hint, wait_s)[0]
 
+# %% ../../nbs/001_core.artifacts.ipynb #39d0ea6b
 def _read_manifest(artifact_dir, kind, hint, wait_s) -> tuple[dict, bytes]:
     "(manifest, the exact bytes it was parsed from)."
     d = Path(artifact_dir)
@@ -420,6 +422,7 @@ def _read_manifest(artifact_dir, kind, hint, wait_s) -> tuple[dict, bytes]:
                             f'understands ({MANIFEST_FORMAT}); upgrade pipeline_lib or {what}')
     return m, raw
 
+# %% ../../nbs/001_core.artifacts.ipynb #d6cfe746
 def verify_manifest(artifact_dir, expect: dict | None = None, *, kind: str | None = None,
                     on_mismatch: str | dict = 'error', on_version: str = 'warn',
                     hint: str | None = None, wait_s: float = 2.0) -> dict:

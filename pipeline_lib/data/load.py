@@ -223,6 +223,7 @@ def _dmy_format(m, dayfirst: bool) -> str | None:
     tail = guess_datetime_format('2000-01-01' + m['rest'], dayfirst=False)   # the time part, on an unambiguous date
     return None if tail is None or not tail.startswith('%Y-%m-%d') else date + tail[len('%Y-%m-%d'):]
 
+# %% ../../nbs/101_data.load.ipynb #7fd10781
 def _string_format(u: np.ndarray, arr: pa.Array, first_row, at, date_format, dayfirst) -> tuple[str, dict]:
     """`(format to parse with, {'reading', 'format', 'why'})` for the distinct timestamp strings `u` (`arr` in pyarrow) of
     one file, decided from all of them; `first_row(k)` is the file row of `u[k]`, `at(row)` the `DataError` keywords of a row."""
@@ -276,6 +277,7 @@ def _timestamp_values(df: pd.DataFrame, found: dict) -> tuple[pd.Series, str]:
     d = d.dt.strftime('%Y-%m-%d') if pd.api.types.is_datetime64_any_dtype(d) else d.astype(str)
     return d + ' ' + t.astype(str), f"{found['date']} + {found['time']}"
 
+# %% ../../nbs/101_data.load.ipynb #f1b9c04c
 def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None = None, *, date_format=None,
                       dayfirst=None, timezone=None) -> tuple[np.ndarray, dict]:
     """`(naive datetime64[ns], {'reading', 'zone'})` for one file's timestamps, every row read with one format that is
@@ -349,6 +351,7 @@ def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None
     if out.any(): raise DataError(f'Timestamp {s.iloc[out.argmax()]!r} is outside 1678-2261', **at(out.argmax()))
     return ts.to_numpy('datetime64[ns]'), desc
 
+# %% ../../nbs/101_data.load.ipynb #f0756a9a
 def timestamp_text(how: dict) -> str:
     "One line on how a file's timestamps were read: 'day-first %d.%m.%Y %H:%M, local time of the file, tz-naive'."
     return f"{how['reading']} {how['format']}, {how['zone']}, tz-naive"
@@ -364,7 +367,6 @@ def _numeric(s: pd.Series, file, col, user: bool = False, sym: pd.Series | None 
         raise DataError(f'{what}{s.iloc[i]!r} is not a number',
                         **_at(file, i, column=str(col), symbol=None if sym is None else str(sym.iloc[i])))
     return x.to_numpy('float64', na_value=np.nan)
-
 
 # %% ../../nbs/101_data.load.ipynb #cc009293
 def _read_bars_file(file: Path, adj_close: bool = False, user_columns=(), **when) -> tuple[pd.DataFrame, dict, dict]:
@@ -465,6 +467,7 @@ def check_load_options(date_format=None, dayfirst=None, timezone=None, user_colu
     return dict(date_format=date_format, dayfirst=None if dayfirst is None else bool(dayfirst),
                 timezone=_check_timezone(timezone), user_columns=user_column_list(user_columns))
 
+# %% ../../nbs/101_data.load.ipynb #19e6522b
 def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = None, timezone: str | None = None,
               user_columns=(), adj_close: bool = False, min_rows: int | None = None, tol: float = PRICE_TOL) -> pd.DataFrame:
     """The canonical bars frame from a CSV/parquet file or a directory of them; `DataError` (naming file, symbol,
@@ -534,13 +537,12 @@ def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = N
     bars.attrs.update(timestamps=list(readings.values()), timezone=when['timezone'], user_columns=user, ignored_columns=ignored)
     return bars
 
-
+# %% ../../nbs/101_data.load.ipynb #d671e745
 def load_options(cfg: dict | None) -> dict:
     "The `load_bars` keywords a run config sets: `data.date_format`, `data.dayfirst`, `data.timezone`, `features.user_columns`."
     d, f = (cfg or {}).get('data') or {}, (cfg or {}).get('features') or {}
     return {'date_format': d.get('date_format'), 'dayfirst': d.get('dayfirst'), 'timezone': d.get('timezone'),
             'user_columns': f.get('user_columns') or []}
-
 
 # %% ../../nbs/101_data.load.ipynb #a7b0a9e9
 def make_market(**kwargs):

@@ -246,6 +246,7 @@ def _perf(pnl: np.ndarray, bpy: float, prefix: str = '') -> dict:
             f'{prefix}sharpe': finite_or_none(pnl.mean() / sd * math.sqrt(bpy)) if sd > 0 else None,
             f'{prefix}max_drawdown': finite_or_none(min(0.0, (eq - peak).min())) if len(pnl) else None}
 
+# %% ../../nbs/301_evaluation.metrics.ipynb #5221853d
 def backtest(bars: pd.DataFrame, pred, *, horizon: int = 5, cost_bps: float = 1.0, quantile: float = 0.2,
              interval=None, max_gap_bars: int = 15, trading_days: float | None = None,
              periods_per_year: float | None = None) -> BacktestResult:

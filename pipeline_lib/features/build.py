@@ -81,6 +81,7 @@ def build_features(bars: pd.DataFrame, config: dict | None = None) -> pd.DataFra
     warm = feature_warmup(cfg)
     with _fast_pages(): return _build(bars, cfg, names, warm)
 
+# %% ../../nbs/209_features.build.ipynb #95f48491
 def _build(bars, cfg, names, warm):
     n = len(bars)
     out = np.empty((n, len(names)), dtype=np.float32, order='F')

@@ -69,6 +69,7 @@ def _bbp(ctx, p):
     m, up, lo = _boll(ctx, p)
     return (ctx.close - lo) / (up - lo)
 
+# %% ../../nbs/205_features.families_classic.ipynb #84ad4145
 @family('bbw', (10, 20, 30, 60), _wm1)
 def _bbw(ctx, p):
     "Bollinger width: (upper - lower)/SMA"
@@ -127,6 +128,7 @@ def _mfi(ctx, p):
     sp, sn = ctx.rsum('mf_pos', _w(p), pos_f), ctx.rsum('mf_neg', _w(p), neg_f)
     return 100 * sp / (sp + sn)
 
+# %% ../../nbs/205_features.families_classic.ipynb #65662237
 @family('obvslope', (5, 10, 20, 30, 60, 120), _wm1)
 def _obvslope(ctx, p):
     "OBV slope: least-squares slope of on-balance volume over n bars / mean volume over n"

@@ -89,6 +89,7 @@ def _qtld(ctx, p):
     "Quantile($close, d, 0.2)/$close"
     return ctx.quantile_rank('close', _w(p))[0] / ctx.close
 
+# %% ../../nbs/204_features.families_qlib.ipynb #3bb972a0
 @family('rank', QLIB_WINDOWS, _wm1)
 def _rank(ctx, p):
     "Rank($close, d)"
@@ -146,6 +147,7 @@ def _cntd(ctx, p):
     "Mean($close>Ref($close, 1), d)-Mean($close<Ref($close, 1), d)"
     return (ctx.rsum('cntp_i', _w(p), _cnt(ctx, 1)) - ctx.rsum('cntn_i', _w(p), _cnt(ctx, -1))) / _w(p)
 
+# %% ../../nbs/204_features.families_qlib.ipynb #5a6d9efa
 def _sum_pn(ctx, base, w):
     d = ctx.series(base)
     up = ctx.rsum(base + '_up', w, ctx.get(base + '_up', lambda: np.where(np.isnan(d), np.nan, np.maximum(d, 0))))

@@ -71,6 +71,7 @@ def _skew(ctx, p):
     "sample skewness of 1-bar log returns over n (as pandas)"
     return ctx.skew_kurt('ret', _w(p))[0]
 
+# %% ../../nbs/206_features.families_returns.ipynb #a13c8dfa
 @family('kurt', MOMENT_WINDOWS, _wd)
 def _kurt(ctx, p):
     "sample excess kurtosis of 1-bar log returns over n (as pandas)"
@@ -129,6 +130,7 @@ def _semiv(ctx, p):
     dn = ctx.rsum('ret2_dn', _w(p), ctx.get('ret2_dn', lambda: np.where(r < 0, r * r, 0.0) + np.where(np.isnan(r), np.nan, 0)))
     return dn / ctx.rsum('ret2', _w(p), ctx.get('ret2', lambda: r * r))
 
+# %% ../../nbs/206_features.families_returns.ipynb #ca8bef1e
 @family('dd', WINDOWS, _wm1)
 def _dd(ctx, p):
     "drawdown of the close from its rolling maximum close over n: close/max - 1"

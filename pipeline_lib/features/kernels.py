@@ -52,6 +52,7 @@ def _nb_sum(x, pos, windows, slots):
             if j >= 0: out[j, t] = s
     return out
 
+# %% ../../nbs/202_features.kernels.ipynb #d0e7bbec
 @njit(cache=True)
 def _nb_regress(y, pos, windows, slots):
     "Least-squares line of y on time over the last w values: (slope per bar, R^2, residual of the newest point)."
@@ -100,6 +101,7 @@ def _nb_corr(x, y, pos, windows, slots):
                 if cyy > 0: beta[j, t] = cxy / cyy
     return corr, beta
 
+# %% ../../nbs/202_features.kernels.ipynb #663d7182
 @njit(cache=True)
 def _nb_argext(x, pos, windows, slots, sign):
     "Rolling max (sign=1) or min (sign=-1) over the last w values and its position 1..w from the oldest (first occurrence)."
@@ -149,6 +151,7 @@ def _nb_quantile_rank(x, pos, w, q_lo, q_hi):
             rk[t] = (less + (leq - less + 1) / 2) / w
     return lo, hi, rk
 
+# %% ../../nbs/202_features.kernels.ipynb #64d77200
 @njit(cache=True)
 def _nb_skew_kurt(x, pos, windows, slots):
     "Rolling sample skewness and excess kurtosis (pandas' bias-corrected definitions) over the last w values."
@@ -198,6 +201,7 @@ def _nb_write(dst, col, pos, warm):
         v = np.float32(col[t])
         dst[t] = v if (pos[t] >= warm and np.isfinite(v)) else np.nan
 
+# %% ../../nbs/202_features.kernels.ipynb #901c4649
 @njit(cache=True)
 def _nb_ewm(x, pos, alpha):
     "EMA with weight `alpha` on the newest value, restarting at each symbol, seeded by its first non-NaN value; NaN inputs hold the state."
@@ -256,6 +260,7 @@ def _nb_prev_sessions_mean(x, new_group, session, d):
             out[t] = s / (right - left)
     return out
 
+# %% ../../nbs/202_features.kernels.ipynb #993e0bce
 @njit(cache=True)
 def _nb_cs_rank(x, order, bounds):
     "Centred percentile rank (less + equal/2)/n - 0.5 of x within each timestamp group (rows order[bounds[g]:bounds[g+1]]), NaN unranked."

@@ -126,6 +126,7 @@ def write_entry(features: pd.DataFrame, key: str, cache_dir=None, **meta) -> dic
     _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1, default=str)))
     return info
 
+# %% ../../nbs/210_features.store.ipynb #32cd1e6b
 def read_entry(key: str, cache_dir=None, *, rows: int | None = None) -> tuple[pd.DataFrame, dict]:
     "The verified frame and sidecar of entry `key`; `FeatureCacheError` saying why if it cannot be trusted."
     path, side = entry_paths(key, cache_dir)

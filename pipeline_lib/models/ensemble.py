@@ -49,6 +49,7 @@ def day_blocks(timestamps, n_blocks: int = ENSEMBLE_FOLDS) -> np.ndarray:
     k = max(1, min(int(n_blocks), len(first)))
     return (order[unit] * k // len(first)).astype(np.int64)
 
+# %% ../../nbs/411_models.ensemble.ipynb #f0863b9d
 @dataclass
 class Ensemble:
     """A fixed convex combination of named members' predictions for one target; `fit_ensemble` returns it.
@@ -112,6 +113,7 @@ class Ensemble:
 
     def as_dict(self) -> dict: return dict(zip(self.members, map(float, self.weights)))
 
+# %% ../../nbs/411_models.ensemble.ipynb #21a0c3e8
 def fit_ensemble(preds, y, target: str | None = None, timestamps=None, n_folds: int = ENSEMBLE_FOLDS,
                  purge_bars: int = 0) -> Ensemble:
     """Simplex-constrained least-squares weights of the members in `preds` (validation rows) for target `y`.

@@ -62,6 +62,7 @@ def _corr(n, sx, sy, sxx, syy, sxy):
         r = (sxy - sx * sy / n) / np.sqrt(vx * vy)
     return np.where((n >= 3) & (vx > 1e-12 * np.maximum(n, 1)) & (vy > 1e-12 * np.maximum(n, 1)), r, np.nan)
 
+# %% ../../nbs/410_models.importance.ipynb #fa640085
 def feature_ic(X: pd.DataFrame, y, timestamps=None, *, chunk: int = 64) -> pd.DataFrame:
     """Per feature: Pearson `ic` with `y` on rows where both are finite, `n` rows used, and with `timestamps`
     a delete-a-block (day) jackknife `ic_se` and `ic_t`."""
@@ -116,6 +117,7 @@ def leakage_screen(X: pd.DataFrame, y, timestamps=None, *, threshold: float | No
     out.attrs = {'threshold': threshold, 'oracle_ic': oracle_ic, 'n_rows': len(X)}
     return out
 
+# %% ../../nbs/410_models.importance.ipynb #4b39a380
 def check_leakage(screen: pd.DataFrame, allow=()) -> list[str]:
     """Raise `LeakageError` naming every flagged feature not in `allow`; return the flagged features that were allowed."""
     allow = set(allow or ())
@@ -218,6 +220,7 @@ def _fold_list(folds, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
     if not out: raise PipelineError('feature_importance needs at least one fold')
     return out
 
+# %% ../../nbs/410_models.importance.ipynb #e6d990ae
 def _rank_agreement(gain: pd.Series, shap: pd.Series) -> float | None:
     "Spearman correlation of gain and mean |SHAP| over the features either of them uses (all-zero ties left out)."
     used = (gain > 0) | (shap > 0)
@@ -225,6 +228,7 @@ def _rank_agreement(gain: pd.Series, shap: pd.Series) -> float | None:
     r = gain[used].rank().corr(shap[used].rank())
     return float(r) if np.isfinite(r) else None
 
+# %% ../../nbs/410_models.importance.ipynb #bbecf30c
 def feature_importance(X: pd.DataFrame, y, timestamps=None, symbols=None, *, folds=None, n_folds: int = _IMP['n_folds'],
                        horizon: int = 30, embargo: int = 0, lgbm_params: dict | None = None,
                        num_boost_round: int = _IMP['num_boost_round'],

@@ -67,6 +67,7 @@ class MultiTaskLoss:
 # %% ../../nbs/408_models.multitask.ipynb #149515a7
 _MT = config_defaults('phase2.multitask')  # the signature's defaults (phase2.multitask.time_limit is max_seconds)
 
+# %% ../../nbs/408_models.multitask.ipynb #026153c9
 class MultiTaskModel:
     """A multi-task neural regressor: one shared MLP trunk and one linear head per target, trained jointly.
 

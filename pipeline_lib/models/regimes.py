@@ -35,6 +35,7 @@ def _matrix(Z, what: str = 'Z') -> tuple[np.ndarray, list[str] | None]:
 # Defaults are the YAML's `phase1.regimes` (core.config's one home for every default); the seed comes from the run.
 _REGIMES = config_defaults('phase1.regimes')
 
+# %% ../../nbs/405_models.regimes.ipynb #c677171c
 class RegimeModel(BaseEstimator):
     "A Gaussian mixture whose labels are ordered by volatility: regime 0 is the calmest, regime k-1 the most turbulent."
     def __init__(self, n_components: int = _REGIMES['n_components'], on: str = _REGIMES['on'],
@@ -130,6 +131,7 @@ class RegimeModel(BaseEstimator):
         check_is_fitted(self, 'gmm_')
         return self.gmm_.means_[self.order_]
 
+# %% ../../nbs/405_models.regimes.ipynb #4f0e7f8d
 def regime_names(k: int) -> dict[int, str]:
     "Readable names for ordered regimes: 3 -> {0: 'calm', 1: 'normal', 2: 'turbulent'}."
     if k == 1: return {0: 'all'}
@@ -192,6 +194,7 @@ def regime_stats(labels, returns, timestamps=None, symbols=None, n_regimes: int 
                     'n_runs': int(len(lens)), 'mean_duration': lens.mean() if len(lens) else np.nan})
     return pd.DataFrame(out, index=pd.RangeIndex(k, name='regime'))
 
+# %% ../../nbs/405_models.regimes.ipynb #3e750fad
 def transition_matrix(labels, symbols=None, timestamps=None, n_regimes: int | None = None,
                       normalize: bool = True) -> pd.DataFrame:
     "P(regime at t+1 = j | regime at t = i) over consecutive labelled bars of one symbol (rows 'from', columns 'to')."

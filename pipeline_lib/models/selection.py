@@ -102,6 +102,7 @@ def _jaccard_mean(sets: list[set]) -> float | None:
     vals = [len(a & b) / len(a | b) for i, a in enumerate(sets) for b in sets[i + 1:] if a | b]
     return float(np.mean(vals)) if vals else None
 
+# %% ../../nbs/406_models.selection.ipynb #61de7202
 def select_features(importance: ImportanceResult, *, n_features: int = 50, min_importance: float = 0.001,
                     max_corr: float | None = 0.95, X: pd.DataFrame | None = None, exclude=(),
                     corr_max_rows: int = 20_000, seed: int = 0) -> Selection:
@@ -285,6 +286,7 @@ def plot_gain_vs_shap(importance: ImportanceResult, selection: Selection | None 
         fig.tight_layout()
     return fig
 
+# %% ../../nbs/406_models.selection.ipynb #cbc4170a
 def plot_noise_controls(importance: ImportanceResult, selection: Selection | None = None, top: int | None = None):
     """Gain shares (largest first) with noise controls highlighted, the best control's gain as a vertical 'chance'
     line, and the selection cut as a horizontal line. `top` defaults to enough bars to show the cut and the best control."""

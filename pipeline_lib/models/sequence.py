@@ -167,6 +167,7 @@ class _Timed:
         try: yield from self.loader
         finally: self.seconds += time.perf_counter() - t
 
+# %% ../../nbs/403_models.sequence.ipynb #ac8c178b
 @dataclass
 class SequenceFit:
     """A trained sequence model (best weights), how it was trained, and what limited it; `fit_sequence_model` returns it.
@@ -255,6 +256,7 @@ class SequenceFit:
         return predict_windows(self.model, X, ends, self.lookback, batch_size or self.train['eval_batch_size'],
                                device or self.device, self.train['predict_precision']) * self.target_std + self.target_mean
 
+# %% ../../nbs/403_models.sequence.ipynb #d3e9c8e7
 def predict_windows(model: nn.Module, X, ends, lookback: int, batch_size: int = 512, device='auto',
                     precision: str = 'float32') -> np.ndarray:
     """Raw model outputs (standardised units) for the windows of `X` ending at `ends`: the one prediction function of
@@ -264,6 +266,7 @@ def predict_windows(model: nn.Module, X, ends, lookback: int, batch_size: int = 
     ds = WindowDataset(X, ends, lookback)
     return np.asarray(predict_torch(model, batch_loader(ds, batch_size), device=device, precision=precision), dtype=np.float64)
 
+# %% ../../nbs/403_models.sequence.ipynb #145aafb5
 def fit_sequence_model(name: str, X, y, train_ends, valid_ends, lookback: int, *, arch: dict | None = None,
                        train: dict | None = None, progress: bool = True) -> SequenceFit:
     """Train sequence model `name` on the windows of `X` ending at `train_ends`, early-stopped on those ending at

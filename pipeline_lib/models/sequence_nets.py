@@ -75,6 +75,7 @@ def sinusoidal_encoding(length: int, d_model: int) -> torch.Tensor:
 
 POOLINGS = ('last', 'mean', 'cls')
 
+# %% ../../nbs/409_models.sequence_nets.ipynb #1e34b0c3
 class TransformerRegressor(nn.Module):
     """Transformer encoder over a window of bars, one prediction per window.
 
@@ -148,6 +149,7 @@ class TransformerRegressor(nn.Module):
         z = z[:, 0] if self.pooling == 'cls' else z[:, -1] if self.pooling == 'last' else z.mean(1)
         return self.head(self.norm(z)).squeeze(-1)
 
+# %% ../../nbs/409_models.sequence_nets.ipynb #d1bc7e14
 class CausalConv1d(nn.Conv1d):
     "A 1-d convolution padded on the left only: output t depends on inputs <= t."
     def __init__(self, c_in: int, c_out: int, kernel_size: int, dilation: int = 1):
@@ -169,6 +171,7 @@ def receptive_field(kernel_size: int, dilations) -> int:
     "Bars a stack of residual blocks (two causal convolutions each) sees: 1 + 2 (k - 1) sum(dilations)."
     return 1 + 2 * (int(kernel_size) - 1) * int(sum(int(d) for d in dilations))
 
+# %% ../../nbs/409_models.sequence_nets.ipynb #a0cd841a
 class CNN1DRegressor(nn.Module):
     """Dilated causal CNN over a window of bars (a temporal convolutional network); the prediction is read from the
     last bar's output, which sees the whole window.

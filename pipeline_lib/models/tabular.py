@@ -100,6 +100,7 @@ class TabularScaler:
 
     def fit_transform(self, X, y=None) -> np.ndarray: return self.fit(X).transform(X)
 
+# %% ../../nbs/402_models.tabular.ipynb #f221b194
 def _float_matrix(X: pd.DataFrame, columns) -> np.ndarray:
     "float64 matrix of `columns` with +/-inf as NaN; a non-numeric column is an error naming it."
     for c in columns:
@@ -117,6 +118,7 @@ LGBM_PARAMS = {'objective': 'regression', 'subsample_freq': 1,
                **{k: v for k, v in _P2['lightgbm'].items() if k != 'early_stopping_rounds'}}
 LGBM_FIXED = {'deterministic': True, 'force_col_wise': True, 'verbosity': -1}
 
+# %% ../../nbs/402_models.tabular.ipynb #61e5f266
 @dataclass
 class LGBMFit:
     """A fitted LightGBM regressor with what the report needs: curves, best iteration, timing, feature names.
@@ -194,6 +196,7 @@ class LGBMFit:
         return (pd.DataFrame(contrib[:, :-1], columns=self.features, index=idx),
                 pd.DataFrame(A[rows], columns=self.features, index=idx), float(contrib[0, -1]) if len(rows) else 0.0)
 
+# %% ../../nbs/402_models.tabular.ipynb #c018cb5f
 def _lgbm_matrix(X: pd.DataFrame, columns) -> np.ndarray:
     dtype = np.float32 if all(X[c].dtype == np.float32 for c in columns) else np.float64
     A = X[list(columns)].to_numpy(dtype=dtype, na_value=np.nan)
@@ -289,6 +292,7 @@ def fit_ridge(X_train: pd.DataFrame, y_train, X_valid: pd.DataFrame | None = Non
     with threadpool_limits(limits=1, user_api='blas'):   # small solves: one BLAS thread beats two that compete for cores
         return _fit_ridge(X_train, y_train, X_valid, y_valid, [float(a) for a in alphas], categorical, target, t0)
 
+# %% ../../nbs/402_models.tabular.ipynb #c478e1a7
 def _fit_ridge(X_train, y_train, X_valid, y_valid, alphas, categorical, target, t0) -> RidgeFit:
     from sklearn.linear_model import Ridge
     if X_valid is None and len(alphas) != 1: raise PipelineError('fit_ridge without validation rows needs exactly one alpha')

@@ -208,6 +208,7 @@ def _to_numpy(out):
     if isinstance(out, (tuple, list)): return type(out)(_to_numpy(v) for v in out)
     raise TrainingError(f'The model returned {type(out).__name__}; return tensors (or a dict/tuple of tensors)')
 
+# %% ../../nbs/401_models.trainer.ipynb #a3e0ab70
 def _concat(parts: list, squeeze: bool):
     first = parts[0]
     if isinstance(first, dict): return {k: _concat([p[k] for p in parts], squeeze) for k in first}
@@ -273,6 +274,7 @@ def _progress(total: int, enabled: bool, desc: str):
         from tqdm.auto import tqdm
     return tqdm(total=total, leave=False, disable=not enabled, desc=desc)
 
+# %% ../../nbs/401_models.trainer.ipynb #76077e42
 def fit_torch(model: nn.Module | Callable[[], nn.Module], train, valid=None, loss_fn: Callable | None = None, *,
               epochs: int = 50, lr: float = 1e-4, weight_decay: float = 1e-2, patience: int | None = 10,
               min_delta: float = 0.0, grad_clip: float | None = 1.0, scheduler: str | Callable | None = 'cosine',

@@ -96,6 +96,7 @@ def holdout_mask(n: int, holdout_frac: float, timestamps=None) -> np.ndarray:
 # Defaults are the YAML's `phase1.vae` (core.config's one home for every default); seed and device come from the run.
 _VAE = config_defaults('phase1.vae')
 
+# %% ../../nbs/404_models.vae.ipynb #000d3abb
 class VAEEncoder(TransformerMixin, BaseEstimator):
     "A variational autoencoder as a scikit-learn transformer: `transform(X)` is the encoder mean, (n, latent_dim) float32."
     def __init__(self, latent_dim: int = _VAE['latent_dim'], hidden: tuple[int, ...] = tuple(_VAE['hidden']),

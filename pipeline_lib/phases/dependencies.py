@@ -24,6 +24,7 @@ def phase1_config_hash(cfg: dict) -> str:
     "Hash of `phase1_config(cfg)`: what Phase 1 should record as `meta.phase1_config_hash` in its manifest."
     return config_hash(phase1_config(cfg))
 
+# %% ../../nbs/502_phases.dependencies.ipynb #c2a27d23
 def check_phase1_artifacts(metadata_dir, cfg: dict, phases, rerun: str, fingerprint: str | None = None,
                            warn=None) -> dict:
     """The verified manifest of Phase 1's artifacts in `metadata_dir`, if they were built with `cfg`'s Phase 1 inputs

@@ -47,6 +47,7 @@ def _as_vector(v, n: int, what: str) -> np.ndarray:
 _P1 = config_defaults('phase1')
 _IMP = _P1['importance']
 
+# %% ../../nbs/508_phases.transformer.ipynb #eee3485b
 class FeatureTransformer(TransformerMixin, BaseEstimator):
     """Phase 1 as a scikit-learn transformer: feature selection on the rows given to `fit`, then engineering.
 
