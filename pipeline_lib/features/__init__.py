@@ -5,16 +5,17 @@
 # %% auto #0
 __all__ = ['FEATURE_FAMILIES', 'FEATURE_LIBRARY_VERSION', 'RECURSIVE_TOL', 'FeatureError', 'FeatureFamily', 'ewm_warmup',
            'family', 'feature_names', 'feature_table', 'feature_warmup', 'normalise_feature_config', 'register_family',
-           'unregister_family', 'user_column_name', 'build_features', 'random_bars', 'cached_features']
+           'unregister_family', 'user_column_name', 'build_features', 'build_cross_section', 'random_bars',
+           'cached_features']
 
 # %% ../../nbs/200_features.ipynb #a3752393
 from .registry import (FEATURE_FAMILIES, FEATURE_LIBRARY_VERSION, RECURSIVE_TOL, FeatureError,
                                             FeatureFamily, ewm_warmup, family, feature_names, feature_table,
                                             feature_warmup, normalise_feature_config, register_family,
                                             unregister_family, user_column_name)
-from .build import build_features, random_bars
+from .build import build_cross_section, build_features, random_bars
 from .store import cached_features
 
 _all_ = ['FEATURE_FAMILIES', 'FEATURE_LIBRARY_VERSION', 'RECURSIVE_TOL', 'FeatureError', 'FeatureFamily', 'ewm_warmup',
          'family', 'feature_names', 'feature_table', 'feature_warmup', 'normalise_feature_config', 'register_family',
-         'unregister_family', 'user_column_name', 'build_features', 'random_bars', 'cached_features']
+         'unregister_family', 'user_column_name', 'build_features', 'build_cross_section', 'random_bars', 'cached_features']

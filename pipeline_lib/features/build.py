@@ -21,7 +21,7 @@ from . import (families_qlib, families_classic, families_returns,  # noqa: F401
                                    families_sessions, families_cross_section)
 
 # %% auto #0
-__all__ = ['build_features', 'random_bars']
+__all__ = ['build_features', 'cross_section_config', 'build_cross_section', 'random_bars']
 
 # %% ../../nbs/209_features.build.ipynb #83c0b961
 def _check_bars(bars: pd.DataFrame, user_columns=()):
@@ -73,16 +73,20 @@ class _fast_pages:
             self._libc.mallopt(self._M_TRIM_THRESHOLD, self._DEFAULT); self._libc.mallopt(self._M_MMAP_THRESHOLD, self._DEFAULT)
             self._libc.malloc_trim(0)
 
-def build_features(bars: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
-    "Feature frame aligned row-for-row with `bars` (same RangeIndex): float32 columns `family_param` in registry order, then `user_<col>`."
+def build_features(bars: pd.DataFrame, config: dict | None = None, *, cross_section: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Feature frame aligned row-for-row with `bars` (same RangeIndex): float32 columns `family_param` in registry order,
+    then `user_<col>`. `cross_section`, when given, holds the cross-sectional families' columns for these rows, computed
+    over the whole universe by `build_cross_section` (a partition of symbols cannot rank itself against the others)."""
     cfg = normalise_feature_config(config)
     _check_bars(bars, cfg['user_columns'])
     names = feature_names(cfg)
     warm = feature_warmup(cfg)
-    with _fast_pages(): return _build(bars, cfg, names, warm)
+    if cross_section is not None: _check_cross_section(cross_section, cfg, len(bars))
+    with _fast_pages(): return _build(bars, cfg, names, warm, cross_section)
+
 
 # %% ../../nbs/209_features.build.ipynb #95f48491
-def _build(bars, cfg, names, warm):
+def _build(bars, cfg, names, warm, cross_section=None):
     n = len(bars)
     out = np.empty((n, len(names)), dtype=np.float32, order='F')
     ctx = FeatureContext(bars, cfg)
@@ -90,6 +94,10 @@ def _build(bars, cfg, names, warm):
     with np.errstate(divide='ignore', invalid='ignore', over='ignore'):
         for fname, ps in cfg['families'].items():
             fam = FEATURE_FAMILIES[fname]
+            if cross_section is not None and fam.kind == 'cross_section':
+                for _ in ps:
+                    out[:, j] = cross_section[names[j]].to_numpy(np.float32); j += 1
+                continue
             ctx.params = tuple(ps)
             for p in ps:
                 col = np.asarray(fam.fn(ctx, p))
@@ -104,6 +112,26 @@ def _build(bars, cfg, names, warm):
             j += 1
     del ctx
     return pd.DataFrame(out, columns=names, index=bars.index, copy=False)
+
+# %% ../../nbs/209_features.build.ipynb #cfc869eb
+def cross_section_config(config: dict | None = None) -> dict:
+    "The normalised feature `config` cut down to its cross-sectional families (and no user columns)."
+    cfg = normalise_feature_config(config)
+    return {**cfg, 'families': {n: ps for n, ps in cfg['families'].items() if FEATURE_FAMILIES[n].kind == 'cross_section'},
+            'user_columns': []}
+
+def build_cross_section(bars: pd.DataFrame, config: dict | None = None) -> pd.DataFrame:
+    """The cross-sectional families' columns of `bars` (every symbol, since a rank or a market mean needs them all):
+    the first pass of a partitioned build, about 31 of the ~421 columns. `build_features(part, cross_section=...)` then
+    builds any block of symbols from its own rows."""
+    return build_features(bars, cross_section_config(config))
+
+def _check_cross_section(cross_section, cfg, n_rows):
+    want = feature_names(cross_section_config(cfg))
+    missing = [c for c in want if c not in cross_section.columns]
+    if missing or len(cross_section) != n_rows:
+        raise FeatureError(f'cross_section must hold the columns {want[:3]}... for all {n_rows:,} rows; '
+                           f'it has {len(cross_section):,} rows and lacks {missing[:3]}')
 
 # %% ../../nbs/209_features.build.ipynb #514725eb
 def random_bars(n_symbols: int = 5, n_rows: int = 2000, seed: int = 0, start: str = '2024-01-02 09:30',
