@@ -920,6 +920,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'pipeline_lib/features/store.py'),
                                              'pipeline_lib.features.store._column_bytes': ( 'features.store.html#_column_bytes',
                                                                                             'pipeline_lib/features/store.py'),
+                                             'pipeline_lib.features.store._sweep_dead_temps': ( 'features.store.html#_sweep_dead_temps',
+                                                                                                'pipeline_lib/features/store.py'),
                                              'pipeline_lib.features.store._symbol_starts': ( 'features.store.html#_symbol_starts',
                                                                                              'pipeline_lib/features/store.py'),
                                              'pipeline_lib.features.store._to_table': ( 'features.store.html#_to_table',

@@ -1,9 +1,15 @@
-"""The feature cache: keys, hits without rebuilding, detection and rebuild of damaged entries, atomic writes."""
+"""The feature store: keys, hits without rebuilding, detection and rebuild of damaged stores, atomic writes,
+partitioned builds equal to one build, and a build killed mid-way."""
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +30,7 @@ def bars():
 def counted_build(monkeypatch):
     "Replace build_features by a cheap deterministic fake that counts its calls."
     calls = []
-    def fake(bars, config=None):
+    def fake(bars, config=None, cross_section=None):
         calls.append(len(bars))
         c = bars['close'].to_numpy()
         return pd.DataFrame({f'fake_{i}': (np.log(c) * i).astype('float32') for i in range(1, 6)}, index=bars.index)
@@ -33,7 +39,17 @@ def counted_build(monkeypatch):
 
 
 def _entry_files(cache_dir):
-    return sorted(p.name for p in fc.feature_cache_dir(cache_dir).iterdir())
+    "Every file under the cache's feature folder, as paths relative to it."
+    root = fc.feature_cache_dir(cache_dir)
+    return sorted(str(p.relative_to(root)) for p in root.rglob('*') if p.is_file())
+
+
+def _only_partition(bars, cache_dir):
+    "(parquet, sidecar) of the single partition of `bars`' default store."
+    store = fc.open_store(fc.cache_key(bars), cache_dir)
+    assert len(store.partitions) == 1
+    p = store.path / store.partitions[0]['file']
+    return p, p.with_suffix('.json')
 
 
 def test_fingerprint_sees_every_kind_of_change(bars):
@@ -78,9 +94,9 @@ def _other_config():
 @pytest.mark.slow
 def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypatch):
     real, calls = F.build_features, []
-    def counting(b, config=None):
+    def counting(b, config=None, cross_section=None):
         calls.append(1)
-        return real(b, config)
+        return real(b, config, cross_section=cross_section)
     monkeypatch.setattr(F, 'build_features', counting)
     first = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
     assert len(calls) == 1
@@ -90,50 +106,59 @@ def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypa
     pd.testing.assert_frame_equal(second, first, check_exact=True)
     assert second.index.equals(bars.index)
     key = fc.cache_key(bars)
-    assert _entry_files(tmp_path) == [f'{key}.json', f'{key}.parquet']
-    info = json.loads((fc.feature_cache_dir(tmp_path) / f'{key}.json').read_text())
-    assert info['rows'] == len(bars) and info['columns'] == list(map(str, first.columns))
-    assert info['sha256'] == fc.file_sha256(fc.feature_cache_dir(tmp_path) / f'{key}.parquet')
-    # a different config or different data is a different entry, built once
+    part = fc.partition_name(0, len(bars))
+    assert _entry_files(tmp_path) == [f'{key}/manifest.json', f'{key}/{part[:-8]}.json', f'{key}/{part}']
+    manifest = json.loads((fc.store_dir(key, tmp_path) / 'manifest.json').read_text())
+    assert manifest['rows'] == len(bars) and manifest['columns'] == list(map(str, first.columns))
+    assert manifest['partitions'][0]['sha256'] == fc.file_sha256(fc.store_dir(key, tmp_path) / part)
+    # a different config or different data is a different store, built once
     fc.cached_features(bars.iloc[:len(bars) // 2], cache_dir=tmp_path, progress=False)
-    assert len(calls) == 2 and len(_entry_files(tmp_path)) == 4
+    assert len(calls) == 2 and len(_entry_files(tmp_path)) == 6
 
 
 def _truncate(p, s): p.write_bytes(p.read_bytes()[:-500])
 def _flip_byte(p, s):
     raw = bytearray(p.read_bytes()); raw[len(raw) // 2] ^= 0x10; p.write_bytes(bytes(raw))
-def _drop_sidecar(p, s): s.unlink()
-def _garble_sidecar(p, s): s.write_text('{"key": ')
+def _drop_manifest(p, s): (p.parent / 'manifest.json').unlink()
+def _garble_manifest(p, s): (p.parent / 'manifest.json').write_text('{"key": ')
 def _drop_parquet(p, s): p.unlink()
 def _rehash(p, s, **changes):
-    info = json.loads(s.read_text()); info.update(bytes=p.stat().st_size, sha256=fc.file_sha256(p), **changes)
-    s.write_text(json.dumps(info))
-def _wrong_rows(p, s):  # a consistent (hash-valid) entry for a frame of another length
+    "Record the damaged file's size and hash as if it were good, in its sidecar and in the manifest."
+    new = dict(bytes=p.stat().st_size, sha256=fc.file_sha256(p), **changes)
+    for f in (s, p.parent / 'manifest.json'):
+        info = json.loads(f.read_text())
+        target = info if f == s else info['partitions'][0]
+        target.update({k: v for k, v in new.items() if k != 'columns'})
+        if 'columns' in new: info['columns'] = new['columns']
+        f.write_text(json.dumps(info))
+def _wrong_rows(p, s):  # a consistent (hash-valid) partition for a frame of another length
     t = pq.read_table(p); pq.write_table(t.slice(0, t.num_rows - 3), p); _rehash(p, s, rows=t.num_rows - 3)
-def _wrong_columns(p, s):  # the parquet's columns differ from the sidecar's though its hash was updated
+def _wrong_columns(p, s):  # the parquet's columns differ from the manifest's though its hash was updated
     t = pq.read_table(p); pq.write_table(t.rename_columns(['x_' + c for c in t.column_names]), p); _rehash(p, s)
 
 
-@pytest.mark.parametrize('damage', [_truncate, _flip_byte, _drop_sidecar, _garble_sidecar, _drop_parquet,
+@pytest.mark.parametrize('damage', [_truncate, _flip_byte, _drop_manifest, _garble_manifest, _drop_parquet,
                                     _wrong_rows, _wrong_columns])
-def test_damaged_entry_is_detected_logged_and_rebuilt(bars, tmp_path, counted_build, caplog, damage):
+def test_damaged_store_is_detected_logged_and_rebuilt(bars, tmp_path, counted_build, caplog, damage):
     good = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
-    p, s = fc.entry_paths(fc.cache_key(bars), tmp_path)
+    p, s = _only_partition(bars, tmp_path)
     damage(p, s)
     with pytest.raises(fc.FeatureCacheError):
-        fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
+        fc.open_store(fc.cache_key(bars), tmp_path, rows=len(bars))
     with caplog.at_level(logging.WARNING, logger=fc.log.name):
         again = fc.cached_features(bars, cache_dir=tmp_path, progress=False)
-    assert len(counted_build) == 2, 'a damaged entry must be rebuilt'
+    # a store without its manifest keeps its verified partition (an interrupted build's work is not redone)
+    builds = 1 if damage in (_drop_manifest, _garble_manifest) else 2
+    assert len(counted_build) == builds, 'a damaged partition must be rebuilt, a verified one kept'
     assert any('rebuilding' in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     pd.testing.assert_frame_equal(again, good)
-    frame, _ = fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))  # the rebuilt entry verifies
+    frame = fc.open_store(fc.cache_key(bars), tmp_path, rows=len(bars)).read()  # the rebuilt store verifies
     pd.testing.assert_frame_equal(frame.set_axis(bars.index), good)
     fc.cached_features(bars, cache_dir=tmp_path, progress=False)
-    assert len(counted_build) == 2
+    assert len(counted_build) == builds, 'the repaired store is a hit'
 
 
-def test_crash_while_writing_leaves_no_entry_and_no_temp_file(bars, tmp_path, counted_build, monkeypatch, caplog):
+def test_crash_while_writing_leaves_no_store_and_no_temp_file(bars, tmp_path, counted_build, monkeypatch, caplog):
     real_write = pq.write_table
     def dying(table, where, **kw):
         buf = io.BytesIO(); real_write(table, buf, **kw)
@@ -146,7 +171,7 @@ def test_crash_while_writing_leaves_no_entry_and_no_temp_file(bars, tmp_path, co
     assert _entry_files(tmp_path) == [], 'neither a partial parquet nor a temp file may remain'
     monkeypatch.setattr(fc.pq, 'write_table', real_write)
     fc.cached_features(bars, cache_dir=tmp_path, progress=False)
-    fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
+    fc.open_store(fc.cache_key(bars), tmp_path, rows=len(bars))
 
 
 def test_unwritable_cache_still_returns_features(bars, tmp_path, counted_build, caplog):
@@ -161,7 +186,7 @@ def test_unwritable_cache_still_returns_features(bars, tmp_path, counted_build, 
 def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
     "Writers trickle their parquet out slowly; a reader polling the final name only ever sees complete files."
     bars = realistic_bars(3, 3000, seed=5)
-    def fake(b, config=None):
+    def fake(b, config=None, cross_section=None):
         c = np.log(b['close'].to_numpy())
         return pd.DataFrame({f'fake_{i}': (c * i).astype('float32') for i in range(1, 40)}, index=b.index)
     monkeypatch.setattr(F, 'build_features', fake)
@@ -173,7 +198,7 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
             for i in range(0, len(data), len(data) // 8 + 1):
                 f.write(data[i:i + len(data) // 8 + 1]); f.flush(); time.sleep(0.01)
     monkeypatch.setattr(fc.pq, 'write_table', slow)
-    p, _ = fc.entry_paths(fc.cache_key(bars), tmp_path)
+    p = fc.store_dir(fc.cache_key(bars), tmp_path) / fc.partition_name(0, len(bars))
     seen = {'complete': 0, 'partial_temp': 0, 'bad': []}
     done = threading.Event()
     def poll():
@@ -206,4 +231,88 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
     assert seen['partial_temp'] > 0, 'the poller never saw a write in progress, so this test proved nothing'
     assert seen['complete'] > 0
     assert [n for n in _entry_files(tmp_path) if n.endswith('.tmp')] == []
-    fc.read_entry(fc.cache_key(bars), tmp_path, rows=len(bars))
+    fc.open_store(fc.cache_key(bars), tmp_path, rows=len(bars))
+
+
+# --- partitioned builds -------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def five_symbols():
+    "Five symbols of different lengths (staggered starts, missing bars) and their features from one in-memory build."
+    b = realistic_bars(5, 900, seed=11)
+    return b, F.build_features(b)
+
+
+def _symbol_lengths(b):
+    return b.groupby('symbol', sort=False).size().to_numpy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('partition_rows', [1000, 2200])
+def test_partitioned_store_equals_the_in_memory_features(five_symbols, tmp_path, partition_rows):
+    b, whole = five_symbols
+    store = fc.build_store(b, cache_dir=tmp_path, partition_rows=partition_rows, progress=False)
+    assert len(store.partitions) > 1 and all(p['rows'] <= max(partition_rows, _symbol_lengths(b).max()) for p in store.partitions)
+    pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)
+    rows = np.sort(np.random.default_rng(0).choice(len(b), 300, replace=False))
+    cols = list(whole.columns[::37])
+    pd.testing.assert_frame_equal(store.read(cols, rows), whole.iloc[rows][cols].reset_index(drop=True), check_exact=True)
+    chunks = [(lo, hi, f) for lo, hi, f in store.iter_partitions(cols)]
+    assert [c[0] for c in chunks][0] == 0 and chunks[-1][1] == len(b)
+    pd.testing.assert_frame_equal(pd.concat([f for *_, f in chunks], ignore_index=True), whole[cols].reset_index(drop=True))
+
+
+@pytest.mark.slow
+def test_more_partitions_than_symbols_give_the_same_features(five_symbols, tmp_path):
+    "Symbols cut into pieces (each built from its symbol's first row) give the values of one build, on a process pool too."
+    from pipeline_lib.core.executor import local_executor
+    b, whole = five_symbols
+    with local_executor(2) as pool:
+        store = fc.build_store(b, cache_dir=tmp_path, partition_rows=300, executor=pool, progress=False)
+    assert len(store.partitions) > 2 * b['symbol'].nunique()
+    assert any(p['lo'] not in set(np.r_[0, np.cumsum(_symbol_lengths(b))]) for p in store.partitions), 'no symbol was cut'
+    pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)
+    assert fc.open_store(fc.cache_key(b), tmp_path).n_rows == len(b)
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+import pyarrow.parquet as pq
+sys.path.insert(0, {tests!r})
+from synthetic import realistic_bars
+from pipeline_lib.features import store as fc
+real, written = pq.write_table, []
+def dying(table, where, **kw):
+    if len(written) == 2:   # the third partition: half its bytes reach the disk, then the process is killed
+        import io
+        buf = io.BytesIO(); real(table, buf, **kw)
+        with open(where, 'wb') as f: f.write(buf.getvalue()[:len(buf.getvalue()) // 2]); f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    written.append(where); real(table, where, **kw)
+fc.pq.write_table = dying
+fc.build_store(realistic_bars(5, 900, seed=11), cache_dir={cache!r}, partition_rows=1000, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_build_killed_mid_way_leaves_nothing_a_later_run_would_use(five_symbols, tmp_path, monkeypatch):
+    b, whole = five_symbols
+    script = _KILLED_BUILD.format(tests=str(Path(__file__).parent), cache=str(tmp_path))
+    proc = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    key = fc.cache_key(b)
+    with pytest.raises(fc.FeatureCacheError, match='no manifest'):
+        fc.open_store(key, tmp_path)
+    left = sorted(p.name for p in fc.store_dir(key, tmp_path).iterdir())
+    parts = [n for n in left if n.startswith('part-') and n.endswith('.parquet')]
+    assert len(parts) == 2, left   # the killed partition is only a temp file, never under its final name
+    for n in parts: fc.verify_partition(fc.store_dir(key, tmp_path) / n)
+    # the next build keeps the two verified partitions, builds the rest, and equals one in-memory build
+    real, built = F.build_features, []
+    def counting(bb, config=None, cross_section=None):
+        built.append(len(bb)); return real(bb, config, cross_section=cross_section)
+    monkeypatch.setattr(F, 'build_features', counting)
+    store = fc.build_store(b, cache_dir=tmp_path, partition_rows=1000, progress=False)
+    assert len(built) == len(store.partitions) - 2, 'only the missing partitions are built'
+    pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)
+    assert [n for n in os.listdir(store.path) if n.endswith('.tmp')] == [], "the killed process's temp file is swept"

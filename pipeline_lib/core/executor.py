@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from contextlib import contextmanager
 from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from typing import Callable, Iterable
 
@@ -22,13 +23,16 @@ def available_cores() -> int:
     try: return len(os.sched_getaffinity(0))
     except AttributeError: return os.cpu_count() or 1
 
-def local_executor(workers: int | None) -> ProcessPoolExecutor | None:
-    """A pool of `workers` processes on this machine (`None` or `0`: one per available core), or `None` (run in this
-    process) when that is one worker. The pool spawns fresh interpreters: a forked child would inherit the parent's
-    OpenMP and numba thread pools in whatever state they were, which can deadlock."""
-    n = available_cores() if not workers else int(workers)
-    if n < 1: raise ValueError(f'workers must be at least 1, not {workers}')
-    return None if n == 1 else ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context('spawn'))
+@contextmanager
+def local_executor(processes: int | None):
+    """`with local_executor(n) as ex`: a pool of `n` processes on this machine (`None` or `0`: one per available
+    core), shut down on exit, or `None` (run in this process) when that is one process. Processes start only when
+    a task is submitted, and they are spawned fresh: a forked child would inherit the parent's OpenMP and numba
+    thread pools in whatever state they were, which can deadlock."""
+    n = available_cores() if not processes else int(processes)
+    if n < 1: raise ValueError(f'processes must be at least 1, not {processes}')
+    if n == 1: yield None; return
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context('spawn')) as pool: yield pool
 
 def run_tasks(fn: Callable, tasks: Iterable, *, executor: Executor | None = None, total: int | None = None,
               desc: str = 'tasks', unit: str = 'task', progress: bool = True, max_pending: int = 4) -> list:

@@ -234,12 +234,20 @@ def open_store(key: str, cache_dir=None, *, rows: int | None = None) -> FeatureS
 def _build_partition(task: dict) -> dict:
     "Build one partition's features and store them; a verified partition left by an interrupted build is kept as it is."
     path = Path(task['path'])
-    expect = {'lo': task['lo'], 'hi': task['hi'], 'rows': task['hi'] - task['lo'], 'columns': task['columns']}
-    try: return verify_partition(path, expect)
+    try: return verify_partition(path, {'lo': task['lo'], 'hi': task['hi'], 'rows': task['hi'] - task['lo']})
     except FeatureCacheError: pass
     frame = _features.build_features(task['bars'], task['config'], cross_section=task['cross_section'])
     frame = frame.iloc[task['lo'] - task['history_lo']:].reset_index(drop=True)
     return write_partition(frame, path, lo=task['lo'], hi=task['hi'])
+
+def _sweep_dead_temps(path: Path):
+    "Remove temp files left in `path` by writers that are no longer running (a killed build); a live writer's stay."
+    for tmp in path.glob('.*.tmp'):
+        try: pid = int(tmp.name.rsplit('.', 3)[-3])
+        except (ValueError, IndexError): continue
+        try: os.kill(pid, 0)
+        except ProcessLookupError: tmp.unlink(missing_ok=True)
+        except PermissionError: pass   # a live process of another user
 
 def _symbol_starts(bars: pd.DataFrame) -> np.ndarray:
     codes = pd.factorize(bars['symbol'])[0]
@@ -256,15 +264,18 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     key = cache_key(bars, cfg, fingerprint=fingerprint)
     path = store_dir(key, cache_dir)
     path.mkdir(parents=True, exist_ok=True)
-    columns = _features.feature_names(cfg)
+    _sweep_dead_temps(path)
     parts = plan_partitions(_symbol_starts(bars), len(bars), partition_rows)
     t0 = time.perf_counter()
     cs = _features.build_cross_section(bars, cfg) if len(parts) > 1 and cross_section_config(cfg)['families'] else None
-    tasks = (dict(path=str(path / partition_name(lo, hi)), lo=lo, hi=hi, history_lo=h, columns=columns, config=cfg,
+    tasks = (dict(path=str(path / partition_name(lo, hi)), lo=lo, hi=hi, history_lo=h, config=cfg,
                   bars=bars.iloc[h:hi].reset_index(drop=True),
                   cross_section=None if cs is None else cs.iloc[h:hi].reset_index(drop=True)) for lo, hi, h in parts)
-    infos = run_tasks(_build_partition, tasks, executor=executor, total=len(parts), desc='feature partitions',
+    infos = run_tasks(_build_partition, tasks, executor=executor if len(parts) > 1 else None, total=len(parts), desc='feature partitions',
                       unit='partition', progress=progress)
+    columns = infos[0]['columns']
+    if any(i['columns'] != columns for i in infos):   # partitions of a store from another feature library version
+        raise FeatureCacheError(f'partitions of store {key} disagree on their columns; delete {path} and rebuild')
     manifest = {'key': key, 'rows': int(len(bars)), 'columns': columns, 'partition_rows': int(partition_rows),
                 'partitions': [{k: i[k] for k in ('file', 'lo', 'hi', 'rows', 'bytes', 'sha256', 'columns')} for i in infos],
                 'data_fingerprint': fingerprint, 'feature_config': cfg,

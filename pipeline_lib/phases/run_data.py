@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..core.config import PipelineError, load_config
 from ..data.load import describe_load, infer_interval, load_bars, load_options, load_summary
+from ..core.executor import local_executor
 from ..features.store import cached_features, data_fingerprint
 from ..data.market import make_market
 from ..evaluation.metrics import evaluate
@@ -126,7 +127,10 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t['split'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    features = cached_features(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress)
+    compute = cfg['compute']
+    with local_executor(compute['processes']) as executor:
+        features = cached_features(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress,
+                                   partition_rows=int(compute['partition_rows']), executor=executor)
     t['features'] = time.perf_counter() - t0
     return RunData(bars=bars, features=features, targets=targets, split=split, interval=interval, source=source,
                    fingerprint=data_fingerprint(bars), oracle=oracle, oracle_target=oracle_target,
