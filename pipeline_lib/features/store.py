@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PARQUET_OPTIONS', 'FeatureCacheError', 'data_fingerprint', 'cache_key', 'feature_cache_dir', 'store_dir',
            'file_sha256', 'partition_name', 'write_partition', 'verify_partition', 'plan_partitions', 'FeatureStore',
-           'open_store', 'build_store', 'cached_features']
+           'open_store', 'build_store', 'cached_store', 'cached_features']
 
 # %% ../../nbs/210_features.store.ipynb #c29b7484
 class FeatureCacheError(PipelineError):
@@ -288,30 +288,36 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     return FeatureStore(path, manifest)
 
 # %% ../../nbs/210_features.store.ipynb #89051bac
-def cached_features(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, progress: bool = True, *,
-                    partition_rows: int = 250_000, executor=None) -> pd.DataFrame:
-    "`build_features(bars, config)`, read from the verified store `<cache_dir>/features/<key>/` when there is one."
+def cached_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, progress: bool = True, *,
+                 partition_rows: int = 250_000, executor=None) -> FeatureStore:
+    """The verified store of `bars`' features under `config`: opened when `<cache_dir>/features/<key>/` holds one,
+    else built (a bad or unfinished one is logged and rebuilt, keeping its verified partitions). `OSError` when the
+    cache cannot be written."""
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
     fingerprint = data_fingerprint(bars)
     key = cache_key(bars, config, fingerprint=fingerprint)
-    path = store_dir(key, cache_dir)
     try:
         store = open_store(key, cache_dir, rows=len(bars))
-        frame = store.read().set_axis(bars.index)
-        say(f'features: cache hit {key} ({len(frame):,} rows x {frame.shape[1]} columns, {len(store.partitions)} '
+        say(f'features: cache hit {key} ({store.n_rows:,} rows x {len(store.columns)} columns, {len(store.partitions)} '
             f'partition(s), {store.bytes / 2**20:,.1f} MiB) in {time.perf_counter() - t0:.2f} s')
-        return frame
+        return store
     except FeatureCacheError as e:
-        if path.exists(): log.warning('feature store %s is incomplete or bad (%s); rebuilding it', key, e)
+        if store_dir(key, cache_dir).exists(): log.warning('feature store %s is incomplete or bad (%s); rebuilding it', key, e)
     t1 = time.perf_counter()
-    try:
-        store = build_store(bars, config, cache_dir, partition_rows=partition_rows, executor=executor,
-                            progress=progress, fingerprint=fingerprint)
+    store = build_store(bars, config, cache_dir, partition_rows=partition_rows, executor=executor, progress=progress,
+                        fingerprint=fingerprint)
+    say(f'features: built {key} ({store.n_rows:,} rows x {len(store.columns)} columns, {len(store.partitions)} '
+        f'partition(s), {store.bytes / 2**20:,.1f} MiB) in {time.perf_counter() - t1:.2f} s')
+    return store
+
+def cached_features(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, progress: bool = True, *,
+                    partition_rows: int = 250_000, executor=None) -> pd.DataFrame:
+    """`build_features(bars, config)` in memory, read from its verified store (`cached_store`); built without the
+    cache, with a warning, when the cache cannot be written."""
+    try: store = cached_store(bars, config, cache_dir, progress, partition_rows=partition_rows, executor=executor)
     except OSError as e:
-        log.warning('could not store features %s under %s (%s); building them in memory without the cache', key, path.parent, e)
+        log.warning('could not store features under %s (%s); building them in memory without the cache',
+                    feature_cache_dir(cache_dir), e)
         return _features.build_features(bars, config)
-    frame = store.read().set_axis(bars.index)
-    say(f'features: built {key} ({len(frame):,} rows x {frame.shape[1]} columns, {len(store.partitions)} partition(s), '
-        f'{store.bytes / 2**20:,.1f} MiB) in {time.perf_counter() - t1:.2f} s')
-    return frame
+    return store.read().set_axis(bars.index)

@@ -5,6 +5,7 @@
 # %% ../../nbs/501_phases.run_data.ipynb #d26fec84
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,21 +16,24 @@ import pandas as pd
 from ..core.config import PipelineError, load_config
 from ..data.load import describe_load, infer_interval, load_bars, load_options, load_summary
 from ..core.executor import local_executor
-from ..features.store import cached_features, data_fingerprint
+from ..features.build import build_features
+from ..features.store import FeatureStore, cached_store, data_fingerprint
 from ..data.market import make_market
 from ..evaluation.metrics import evaluate
 from ..data.splits import SPLITS, make_split, split_summary
 from ..data.targets import build_targets, fwd_ret_name, max_horizon
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['RunData', 'check_target', 'oracle_for', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'oracle_metrics']
+__all__ = ['log', 'RunData', 'check_target', 'oracle_for', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'oracle_metrics']
 
 # %% ../../nbs/501_phases.run_data.ipynb #f356f394
 @dataclass
 class RunData:
     "Everything a phase needs about the rows of one run, aligned row for row with `bars`."
     bars: pd.DataFrame
-    features: pd.DataFrame
+    store: FeatureStore | None       # the features on disk, partitioned (None: held in memory, the cache was not writable)
     targets: pd.DataFrame
     split: pd.Series
     interval: pd.Timedelta
@@ -40,6 +44,24 @@ class RunData:
     oracle_note: str | None = None       # why there is no oracle, for the reports (None when there is one)
     timings: dict = field(default_factory=dict)
     loading: dict = field(default_factory=dict)   # how load_bars read the files: data.describe_load (timestamps, zone, user columns)
+    frame: pd.DataFrame | None = field(default=None, repr=False)   # every feature in memory, once `features` is read
+
+    @property
+    def features(self) -> pd.DataFrame:
+        """Every feature of every row in memory (read from the store on first use): for small runs, walk-forward and
+        checks. What must scale reads `feature_columns` and `read_features` instead."""
+        if self.frame is None: self.frame = self.store.read().set_axis(self.bars.index)
+        return self.frame
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return list(self.frame.columns) if self.store is None else self.store.columns
+
+    def read_features(self, columns=None, rows=None) -> pd.DataFrame:
+        "Features of `rows` (increasing positions; all by default) and `columns` (all by default), index 0..len-1."
+        if self.store is not None and self.frame is None: return self.store.read(columns, rows)
+        f = self.features if columns is None else self.features[list(columns)]
+        return (f if rows is None else f.iloc[np.asarray(rows)]).reset_index(drop=True)
 
     def rows(self, name: str) -> np.ndarray:
         "Positions of the rows in split `name` ('train', 'valid' or 'test')."
@@ -127,12 +149,16 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t['split'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    compute = cfg['compute']
-    with local_executor(compute['processes']) as executor:
-        features = cached_features(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress,
-                                   partition_rows=int(compute['partition_rows']), executor=executor)
+    compute, store, frame = cfg['compute'], None, None
+    try:
+        with local_executor(compute['processes']) as executor:
+            store = cached_store(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress,
+                                 partition_rows=int(compute['partition_rows']), executor=executor)
+    except OSError as e:
+        log.warning('could not store features under %s (%s); building them in memory without the cache', cache_dir, e)
+        frame = build_features(bars, cfg.get('features'))
     t['features'] = time.perf_counter() - t0
-    return RunData(bars=bars, features=features, targets=targets, split=split, interval=interval, source=source,
+    return RunData(bars=bars, store=store, frame=frame, targets=targets, split=split, interval=interval, source=source,
                    fingerprint=data_fingerprint(bars), oracle=oracle, oracle_target=oracle_target,
                    oracle_note=oracle_note, timings=t, loading=loading)
 
