@@ -74,7 +74,7 @@ def store_dir(key: str, cache_dir=None) -> Path:
     return feature_cache_dir(cache_dir) / key
 
 # %% ../../nbs/210_features.store.ipynb #1f6f1cb0
-PARQUET_OPTIONS = dict(compression='lz4', use_dictionary=False)
+PARQUET_OPTIONS = dict(compression='lz4', use_dictionary=False, use_byte_stream_split=True)
 
 def _atomic_write(path: Path, write) -> None:
     "Call `write(tmp_path)` to fill a temp file next to `path`, fsync it, and rename it to `path` atomically."
