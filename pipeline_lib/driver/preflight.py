@@ -14,9 +14,9 @@ from .errors import short_path
 from ..core.schema import fmt_value
 
 # %% auto #0
-__all__ = ['BYTES_PER_FEATURE', 'FEATURE_COPIES', 'ROW_OVERHEAD', 'resolve_data', 'load_data', 'ResourceError',
-           'available_memory', 'estimate_file_rows', 'data_options', 'data_option_problems', 'estimate_bytes',
-           'effective_rows', 'memory_check']
+__all__ = ['BYTES_PER_FEATURE', 'ROW_BYTES', 'BUILD_COPIES', 'CROSS_SECTION_BYTES', 'PHASE1_COPIES', 'BIN_BYTES', 'WORKER_BYTES',
+           'resolve_data', 'load_data', 'ResourceError', 'available_memory', 'estimate_file_rows', 'data_options',
+           'data_option_problems', 'stage_bytes', 'estimate_bytes', 'effective_rows', 'run_sizes', 'memory_check']
 
 # %% ../../nbs/605_driver.preflight.ipynb #b536dbce
 def resolve_data(data_dir=None, cfg: dict | None = None, settings: dict | None = None):
@@ -52,8 +52,12 @@ def load_data(data_dir=None, cfg: dict | None = None, settings: dict | None = No
 
 # %% ../../nbs/605_driver.preflight.ipynb #9cb6a91e
 BYTES_PER_FEATURE = 4            # float32
-FEATURE_COPIES = 2.5             # the cached frame, the phase's slice/copies, Phase 1's matrices
-ROW_OVERHEAD = 7*8 + 16 + 200    # the bars (7 float64/str columns), the split, index and pandas overhead per row
+ROW_BYTES = 200                  # bars, oracle, split and index per row, with pandas' overhead (plus 8 per target)
+BUILD_COPIES = 3.0               # a partition's build peaks at ~3x its float32 output (DESIGN section 6)
+CROSS_SECTION_BYTES = 31*4 + 25*8   # the cross-section pass, per row: its ~31 columns and ~25 float64 series
+PHASE1_COPIES = 2.5              # Phase 1's sample: the matrix, its scaled copy, the importance folds' slices
+BIN_BYTES = 1                    # LightGBM's binned data: about a byte per feature per row (max_bin <= 255)
+WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
 class ResourceError(PipelineError):
     "The run would need more memory than the machine has; raised before any data is read or kernel started."
@@ -106,10 +110,27 @@ def data_option_problems(cfg: dict) -> list[str]:
     except DataError as e: out.append(f'{e}.')
     return out
 
-def estimate_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61) -> int:
-    "Peak bytes of a run on `rows` bars: features (float32, several copies), targets (float64), Phase 1 output, bars."
-    per_row = n_features*BYTES_PER_FEATURE*FEATURE_COPIES + n_targets*8 + n_out*4*2 + ROW_OVERHEAD
-    return int(rows*per_row)
+def stage_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61, *, train_frac: float = 0.6,
+                partition_rows: int = 250_000, processes: int | None = None, phase1_rows: int | None = 1_000_000) -> dict:
+    "Peak bytes of each stage of a run on `rows` bars (the stages run one after another, each in its own process)."
+    from pipeline_lib.core.executor import available_cores
+    base = rows * (ROW_BYTES + 8 * n_targets)
+    n_parts = max(1, -(-rows // max(int(partition_rows), 1)))
+    part = min(rows, int(partition_rows))
+    procs = min(int(processes or available_cores()), n_parts) if n_parts > 1 else 1
+    build = procs * part * n_features * BYTES_PER_FEATURE * BUILD_COPIES
+    if n_parts > 1: build += procs * WORKER_BYTES + rows * CROSS_SECTION_BYTES
+    train = int(rows * train_frac)
+    sample = train if phase1_rows is None else min(train, int(phase1_rows))
+    compact = rows * n_out * BYTES_PER_FEATURE
+    return {'features': base + build,
+            'phase1': base + sample * n_features * BYTES_PER_FEATURE * PHASE1_COPIES + compact,
+            'phase2': base + 2 * compact + train * (n_features + n_out) * BIN_BYTES + part * n_features * BYTES_PER_FEATURE,
+            'phase3': base + 2 * compact}
+
+def estimate_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61, **sizes) -> int:
+    "Peak bytes of a run on `rows` bars: its largest stage (`stage_bytes`)."
+    return max(stage_bytes(rows, n_features, n_targets, n_out, **sizes).values())
 
 def effective_rows(rows: int, cfg: dict) -> int:
     "Rows after `data.max_rows` and `data.sample`."
@@ -121,23 +142,30 @@ def effective_rows(rows: int, cfg: dict) -> int:
 # %% ../../nbs/605_driver.preflight.ipynb #aa59c169
 def _gb(b) -> str: return f'{b/2**30:.1f} GiB' if b >= 2**28 else f'{b/2**20:.0f} MiB'
 
+def run_sizes(cfg: dict) -> dict:
+    "The settings of `cfg` that bound a stage's memory (`stage_bytes`' keyword arguments)."
+    comp, p1, split = cfg.get('compute') or {}, cfg.get('phase1') or {}, cfg.get('split') or {}
+    return {'train_frac': float(split.get('train', 0.6)), 'partition_rows': int(comp.get('partition_rows') or 250_000),
+            'processes': comp.get('processes'), 'phase1_rows': p1.get('max_rows', 1_000_000)}
+
 def memory_check(rows: int, cfg: dict, n_features: int, what: str, available: int | None = None,
                  defaults: dict | None = None) -> str | None:
     "`ResourceError` when a run on `rows` bars cannot fit in memory; a warning sentence above half of it; else None."
     rows = effective_rows(rows, cfg)
     n_t = len(cfg.get('targets', {}).get('horizons') or [1]) + 4
     n_out = int((cfg.get('phase1') or {}).get('n_features') or 50) + 11
-    need = estimate_bytes(rows, n_features, n_t, n_out)
+    stages = stage_bytes(rows, n_features, n_t, n_out, **run_sizes(cfg))
+    stage, need = max(stages.items(), key=lambda kv: kv[1])
     avail = available_memory() if available is None else available
     if not avail: return None
-    fits = int(rows*avail*0.8/need) if need else rows
-    knobs = ('--set data.max_rows=N or --set data.sample=0.5' if 'max_rows' in ((defaults or {}).get('data') or {})
-             else 'fewer symbols or days (data.market.n_symbols / n_days for the embedded market), a shorter date range or fewer files')
-    head = (f'{what}: {rows:,} rows x ({n_features} features x {BYTES_PER_FEATURE} bytes x {FEATURE_COPIES} copies + '
-            f'targets, Phase 1 output and bars) needs about {_gb(need)} of memory')
+    head = (f'{what}: {rows:,} rows x {n_features} features; its largest stage, {stage}, needs about {_gb(need)} of '
+            f'memory (' + ', '.join(f'{k} {_gb(v)}' for k, v in stages.items()) + ')')
     if need > avail:
-        raise ResourceError(f'{head}, but only {_gb(avail)} is available, so the run would be killed part-way. About '
-                            f'{fits:,} rows would fit: use {knobs}, or fewer features (features.families / exclude). '
-                            'Nothing was run.')
+        knobs = {'features': 'fewer rows per partition or fewer processes (compute.partition_rows, compute.processes)',
+                 'phase1': 'a smaller Phase 1 sample (phase1.max_rows)'}.get(stage, 'fewer features (features.families / exclude)')
+        trim = ('--set data.max_rows=N or --set data.sample=0.5' if 'max_rows' in ((defaults or {}).get('data') or {})
+                else 'fewer symbols or days (data.market.n_symbols / n_days for the embedded market), a shorter date range or fewer files')
+        raise ResourceError(f'{head}, but only {_gb(avail)} is available, so the run would be killed part-way. Use '
+                            f'{knobs}, or less data ({trim}). Nothing was run.')
     if need > avail/2: return f'{head}, more than half of the {_gb(avail)} available; the run may swap or be killed.'
     return None
