@@ -21,7 +21,8 @@ if TYPE_CHECKING: from pipeline_lib.inference.load import LoadedRun   # annotati
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'SEQUENCE_NAMES', 'history_position', 'check_bars', 'tail_slice', 'predict_bars', 'short_history_note']
+__all__ = ['log', 'SEQUENCE_NAMES', 'history_position', 'check_bars', 'tail_slice', 'rows_to_score', 'predict_bars',
+           'short_history_note']
 
 # %% ../../nbs/703_inference.predict.ipynb #04ed4f36
 SEQUENCE_NAMES = ('lstm', 'transformer', 'cnn1d')
@@ -64,6 +65,21 @@ def tail_slice(bars: pd.DataFrame, n_rows: int) -> pd.DataFrame:
     starts = bars['timestamp'].to_numpy()[(pos == np.maximum(size - n_rows, 0))]
     return bars[bars['timestamp'].to_numpy() >= starts.min()].reset_index(drop=True)
 
+# %% ../../nbs/703_inference.predict.ipynb #e3a1c7d5
+def _last_of_symbol(bars: pd.DataFrame) -> np.ndarray:
+    "Per row, whether it is its symbol's latest (rows grouped by symbol, in time order)."
+    sym = bars['symbol'].to_numpy()
+    return np.r_[sym[1:] != sym[:-1], True] if len(bars) else np.zeros(0, bool)
+
+def rows_to_score(bars: pd.DataFrame, tail_rows: int | None = None) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    """(bars to build features on, the rows of them to score, each scored row's earlier bars in `bars`): every row,
+    or with `tail_rows` each symbol's latest bar, from the `tail_slice` that keeps `tail_rows` bars of every symbol."""
+    pos = history_position(bars['symbol'])
+    if tail_rows is None: return bars, np.arange(len(bars)), pos
+    hist = pos[_last_of_symbol(bars)]   # counted on the full history: the slice is only there to build features fast
+    sliced = tail_slice(bars, tail_rows)
+    return sliced, np.flatnonzero(_last_of_symbol(sliced)), hist
+
 # %% ../../nbs/703_inference.predict.ipynb #5dcb71f2
 def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, *, last_only: bool = False,
                  allow_partial_universe: bool = False) -> pd.DataFrame:
@@ -82,15 +98,7 @@ def predict_bars(run: LoadedRun, bars: pd.DataFrame, models=None, targets=None, 
     b = check_bars(bars, run, [src[c] for c in users])
     check_universe(run, b['symbol'].unique(), need, allow_partial_universe)
     req = {m: run.required_history(m) for m in chosen}
-    pos_all = history_position(b['symbol'])
-    if last_only:
-        last = np.r_[b['symbol'].to_numpy()[1:] != b['symbol'].to_numpy()[:-1], True] if len(b) else np.zeros(0, bool)
-        keep_hist = pos_all[last]
-        b = tail_slice(b, max(req.values()) + 1)
-        last = np.r_[b['symbol'].to_numpy()[1:] != b['symbol'].to_numpy()[:-1], True] if len(b) else np.zeros(0, bool)
-        rows, hist = np.flatnonzero(last), keep_hist
-    else:
-        rows, hist = np.arange(len(b)), pos_all
+    b, rows, hist = rows_to_score(b, max(req.values()) + 1 if last_only else None)
     F = build_features(b, subset_config(run.feature_config, need))
     out = pd.DataFrame(index=pd.MultiIndex.from_arrays([b['symbol'].to_numpy()[rows], b['timestamp'].to_numpy()[rows]],
                                                        names=['symbol', 'timestamp']))
