@@ -16,18 +16,18 @@ from pathlib import Path
 
 from .atomic import _show, dir_lock, json_safe
 from .errors import ArtifactError, ArtifactVersionError, ArtifactWarning
-from .writer import (MANIFEST, MANIFEST_FORMAT, _siblings, artifact_key, check_signature,
-                                      library_versions, recover_artifact_dir, sha256_file)
+from .writer import (
+    MANIFEST, MANIFEST_FORMAT, _siblings, artifact_key, check_signature, library_versions, recover_artifact_dir, sha256_file)
 
 # %% auto #0
 __all__ = ['read_manifest', 'verify_manifest', 'load_bytes', 'load_json', 'load_joblib', 'load_torch_state']
 
 # %% ../../nbs/001_core.artifacts.ipynb #4949b10e
 # The one import path for artifact code: callers import writing and atomic helpers from here too.
-from .atomic import (atomic_write_bytes, atomic_write_json, finite_or_none, json_dumps_safe,  # noqa: F401
-                                      merge_json_atomic, read_json)
-from .writer import (KEY_ENV, SIGNATURE, ArtifactWriter, clean_stale, manifest_sha256,  # noqa: F401
-                                      manifest_signature)
+from .atomic import (  # noqa: F401
+    atomic_write_bytes, atomic_write_json, finite_or_none, json_dumps_safe, merge_json_atomic, read_json)
+from .writer import (  # noqa: F401
+    KEY_ENV, SIGNATURE, ArtifactWriter, clean_stale, manifest_sha256, manifest_signature)
 
 # %% ../../nbs/001_core.artifacts.ipynb #8bd9d08f
 def _hint(manifest: dict | None, kind: str | None, hint: str | None) -> str:

@@ -20,7 +20,8 @@ import warnings
 from importlib import metadata as _md
 from pathlib import Path
 
-from .atomic import _fsync_dir, _show, atomic_write_bytes, atomic_write_json, dir_lock, json_dumps_safe, json_safe
+from .atomic import (
+    _fsync_dir, _show, atomic_write_bytes, atomic_write_json, dir_lock, json_dumps_safe, json_safe)
 from .errors import ArtifactError, ArtifactWarning
 
 # %% auto #0

@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 
 from ..core.errors import DataError, DataWarning
-from .read import (DATA_SUFFIXES, PRICE_COLUMNS, SPELLINGS, _ALIAS, _at, _check_timezone,  # noqa: F401
-                                    _data_files, _norm, _read_bars_file, timestamp_text)
+from .read import (DATA_SUFFIXES, PRICE_COLUMNS, SPELLINGS, _ALIAS, _at, _check_timezone, _data_files, _norm,
+                                    _read_bars_file, timestamp_text)  # noqa: F401  DATA_SUFFIXES, SPELLINGS: re-exported
 
 # %% auto #0
 __all__ = ['BAR_COLUMNS', 'MIN_ROWS', 'PRICE_TOL', 'symbol_intervals', 'infer_interval', 'is_intraday', 'session_ids',
