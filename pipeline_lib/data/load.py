@@ -5,37 +5,24 @@
 # %% ../../nbs/101_data.load.ipynb #7c4e88b4
 from __future__ import annotations
 
-import csv
-import gzip
-import re
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
-from pandas.tseries.api import guess_datetime_format
 
-from ..core.config import PipelineError
+from ..core.errors import DataError, DataWarning
+from .read import (DATA_SUFFIXES, PRICE_COLUMNS, SPELLINGS, _ALIAS, _at, _check_timezone, _data_files, _norm,
+                                    _read_bars_file, timestamp_text)  # noqa: F401  DATA_SUFFIXES, SPELLINGS: re-exported
 
 # %% auto #0
-__all__ = ['BAR_COLUMNS', 'MIN_ROWS', 'PRICE_TOL', 'PRICE_COLUMNS', 'DATA_SUFFIXES', 'SPELLINGS', 'DataError', 'symbol_intervals',
-           'infer_interval', 'is_intraday', 'session_ids', 'duration_name', 'DataWarning', 'timestamp_text',
-           'describe_load', 'load_summary', 'user_column_list', 'check_load_options', 'load_bars', 'load_options',
-           'make_market']
+__all__ = ['BAR_COLUMNS', 'MIN_ROWS', 'PRICE_TOL', 'symbol_intervals', 'infer_interval', 'is_intraday', 'session_ids',
+           'duration_name', 'describe_load', 'load_summary', 'user_column_list', 'check_load_options', 'load_bars',
+           'load_options', 'make_market']
 
 # %% ../../nbs/101_data.load.ipynb #b75989d3
 BAR_COLUMNS = ['symbol', 'timestamp', 'open', 'high', 'low', 'close', 'volume']
-
-class DataError(PipelineError):
-    "Bad input data; the message names the file, symbol, column and row (and, for CSV, the file line) where they apply."
-    def __init__(self, message, *, file=None, symbol=None, column=None, row=None, line=None):
-        where = [f'{k} {v!r}' for k, v in (('file', file), ('symbol', symbol), ('column', column)) if v is not None]
-        if row is not None: where.append(f'row {row}' + (f' (file line {line})' if line is not None else ''))
-        elif line is not None: where.append(f'file line {line}')
-        super().__init__(f'{message} ({", ".join(where)})' if where else message)
-        self.file, self.symbol, self.column, self.row, self.line = file, symbol, column, row, line
+MIN_ROWS = 100          # longest feature window (60) + path horizon (30) + margin (10)
+PRICE_TOL = 1e-6        # relative tolerance for high >= low and open/close inside [low, high]
 
 # %% ../../nbs/101_data.load.ipynb #4eb3b813
 def symbol_intervals(bars: pd.DataFrame) -> pd.Series:
@@ -80,320 +67,6 @@ def duration_name(n_bars: int, interval: pd.Timedelta) -> str:
     for unit, size in (('h', 3600), ('m', 60)):
         if secs % size == 0: return f'{secs // size}{unit}'
     return f'{secs}s'
-
-# %% ../../nbs/101_data.load.ipynb #733b2ce3
-MIN_ROWS = 100          # longest feature window (60) + path horizon (30) + margin (10)
-PRICE_TOL = 1e-6        # relative tolerance for high >= low and open/close inside [low, high]
-PRICE_COLUMNS = ['open', 'high', 'low', 'close']
-DATA_SUFFIXES = ('.csv', '.csv.gz', '.parquet', '.pq')
-
-class DataWarning(UserWarning):
-    "Input was usable but something in it was changed (for example inf in a user feature column set to NaN)."
-
-SPELLINGS = {  # canonical name -> accepted spellings (compared after lower-casing and removing non-alphanumerics)
-    'symbol': ('symbol', 'ticker', 'sym'),
-    'timestamp': ('timestamp', 'datetime', 'ts', 'timestamputc', 'datetimeutc'),
-    'date': ('date',), 'time': ('time',),
-    'open': ('open', 'openprice'), 'high': ('high', 'highprice'), 'low': ('low', 'lowprice'),
-    'close': ('close', 'closeprice'), 'volume': ('volume', 'vol'),
-    'adjclose': ('adjclose', 'adjustedclose'),
-}
-
-def _norm(name) -> str: return re.sub(r'[^a-z0-9]', '', str(name).lower())
-
-_ALIAS = {_norm(sp): canon for canon, sps in SPELLINGS.items() for sp in sps}
-
-def _map_columns(columns, file=None) -> tuple[dict, list]:
-    "`({canonical: source column}, [user feature columns])` for a file's columns; `DataError` if one is missing or doubled."
-    found = {}
-    for c in columns:
-        key = _ALIAS.get(_norm(c))
-        if key is None: continue
-        if key in found:
-            raise DataError(f'Columns {found[key]!r} and {c!r} both mean {key!r}; keep one of them', file=file, column=str(c))
-        found[key] = c
-    if 'timestamp' in found: found.pop('date', None); found.pop('time', None)
-    missing = [k for k in ('timestamp', 'open', 'high', 'low', 'close', 'volume')
-               if k not in found and not (k == 'timestamp' and ('date' in found or 'time' in found))]
-    if missing:
-        spell = '; '.join(f"{k}: {'/'.join(SPELLINGS[k])}" + (' or date + time' if k == 'timestamp' else '') for k in missing)
-        raise DataError(f"Missing required column{'s' * (len(missing) > 1)} {', '.join(map(repr, missing))} "
-                        f"(accepted spellings, any case: {spell}); columns found: {[str(c) for c in columns]}",
-                        file=file, column=missing[0])
-    user = [c for c in columns if _ALIAS.get(_norm(c)) is None and not str(c).startswith('Unnamed:')]
-    return found, user
-
-# %% ../../nbs/101_data.load.ipynb #30854c6c
-def _is_parquet(file) -> bool: return str(file).lower().endswith(('.parquet', '.pq'))
-
-def _stem(file: Path) -> str:
-    "The symbol a file names: its name without the data suffix (`AAPL.csv.gz` -> `AAPL`)."
-    name = file.name
-    for suf in DATA_SUFFIXES:
-        if name.lower().endswith(suf): return name[:-len(suf)]
-    return file.stem
-
-def _data_files(path) -> list[Path]:
-    "The data files `path` names: itself, or the CSV/parquet files in a directory (sorted by name)."
-    path = Path(path)
-    if not path.exists(): raise DataError('Path does not exist', file=str(path))
-    if path.is_file(): return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith('.') and p.name.lower().endswith(DATA_SUFFIXES))
-    if not files:
-        others = sorted(p.name for p in path.iterdir())[:10]
-        raise DataError(f'Directory holds no data files ({", ".join(DATA_SUFFIXES)}); found: {others}', file=str(path))
-    return files
-
-def _read_file(file: Path) -> pd.DataFrame:
-    "A file's table as pandas reads it, or `DataError` for an empty, header-only or unreadable file."
-    kind = 'parquet' if _is_parquet(file) else 'CSV'
-    try:
-        if kind == 'parquet':
-            df = pd.read_parquet(file)
-            named = [n for n in df.index.names if n is not None and n not in df.columns]
-            df = (df.reset_index(level=named) if named else df).reset_index(drop=True)
-        else:
-            head = pd.read_csv(file, nrows=0)
-            df = pd.read_csv(file, dtype={c: str for c in head.columns if _ALIAS.get(_norm(c)) == 'symbol'})
-    except pd.errors.EmptyDataError:
-        raise DataError('File is empty', file=str(file)) from None
-    except Exception as e:
-        raise DataError(f'Cannot read the file as {kind} ({type(e).__name__}: {str(e).strip()[:300]})', file=str(file)) from None
-    if len(df) == 0: raise DataError(f'File has no data rows (columns found: {[str(c) for c in df.columns]})', file=str(file))
-    return df
-
-def _csv_line(file, row0: int) -> int | None:
-    "The file line (1-based) where 0-based data row `row0` of a CSV starts, skipping blank lines as pandas does."
-    try:
-        opener = gzip.open if str(file).lower().endswith('.gz') else open
-        with opener(file, 'rt', newline='', encoding='utf-8', errors='replace') as f:
-            reader, k, prev = csv.reader(f), -2, 0   # the first record is the header
-            for rec in reader:
-                if rec and not (len(rec) == 1 and not rec[0].strip()):
-                    k += 1
-                    if k == row0: return prev + 1
-                prev = reader.line_num
-    except Exception: return None
-    return None
-
-def _at(file, row0: int, **kw) -> dict:
-    "`DataError` keywords for 0-based data row `row0` of `file`."
-    return dict(file=str(file), row=int(row0) + 1, line=None if _is_parquet(file) else _csv_line(file, int(row0)), **kw)
-
-# %% ../../nbs/101_data.load.ipynb #6e29cd84
-def _epoch_unit(x: np.ndarray) -> str:
-    "The unit of epoch numbers, from their magnitude (seconds since 1970 are ~1.7e9 today)."
-    m = np.nanmax(np.abs(x)) if len(x) else 0
-    return 'ns' if m >= 1e17 else 'us' if m >= 1e14 else 'ms' if m >= 1e11 else 's'
-
-# RE2 patterns (pyarrow runs them over all the distinct values of a file at C speed)
-_DIGITS = r'^\s*\d+\s*$'                                              # epoch numbers written as text
-_ISO = r'^\s*\d{4}-\d{2}-\d{2}(?:[T ].*)?$'                           # year first, dashes: one reading only
-_DMY = (r'^\s*(?P<first>\d{1,2})(?P<sep>[./ -])(?P<second>\d{1,2})[./ -](?P<year>\d{4}|\d{2})'
-        r'(?P<rest>(?:\D.*)?)$')                                         # 02.01.2017, 1/13/2017 09:30, 02-01-17, 02 01 2017
-_AWARE = r'^(?P<wall>.*\d:\d\d(?::\d\d(?:[.,]\d+)?)?)\s?(?P<offset>Z|[+-]\d\d:?\d\d)$'   # a time of day, then a UTC offset
-_KINDS = {'iso': 'ISO 8601 (year-month-day)', 'dmy': 'day/month/year or month/day/year', 'other': 'another layout'}
-_SETTINGS = ("set data.dayfirst: true or false, or data.date_format to the strftime format of every file "
-             "(load_bars(..., dayfirst=..., date_format=...))")
-
-def _check_timezone(timezone) -> str | None:
-    "`timezone` if it is None or an IANA time zone name, else `DataError` with the nearest names."
-    if timezone is None: return None
-    import difflib, zoneinfo
-    names = zoneinfo.available_timezones() | {'UTC'}
-    if isinstance(timezone, str) and timezone in names: return timezone
-    near = difflib.get_close_matches(str(timezone), sorted(names), n=3, cutoff=0.5)
-    raise DataError(f'data.timezone {timezone!r} is not an IANA time zone name (like America/New_York, Europe/London '
-                    f'or UTC)' + (f'; nearest: {", ".join(near)}' if near else '') + '; or null for the local time of each file')
-
-def _matches(arr: pa.Array, pattern: str) -> np.ndarray:
-    "Which strings of `arr` match the RE2 `pattern`."
-    return pc.match_substring_regex(arr, pattern).to_numpy(zero_copy_only=False)
-
-def _groups(arr: pa.Array, pattern: str) -> pd.DataFrame:
-    "The named groups of the RE2 `pattern` in each string of `arr` (None where it does not match)."
-    m = pc.extract_regex(arr, pattern)
-    return pd.DataFrame({f.name: a.to_numpy(zero_copy_only=False) for f, a in zip(m.type, m.flatten())})
-
-def _dmy_format(m, dayfirst: bool) -> str | None:
-    "The strftime format of a `_DMY` match `m` (its groups) read day-first or month-first; None if its time part is unknown."
-    day_month = ['%d', '%m'] if dayfirst else ['%m', '%d']
-    date = m['sep'].join(day_month) + m['sep'] + ('%Y' if len(m['year']) == 4 else '%y')
-    if not m['rest'].strip(): return date
-    tail = guess_datetime_format('2000-01-01' + m['rest'], dayfirst=False)   # the time part, on an unambiguous date
-    return None if tail is None or not tail.startswith('%Y-%m-%d') else date + tail[len('%Y-%m-%d'):]
-
-# %% ../../nbs/101_data.load.ipynb #7fd10781
-def _string_format(u: np.ndarray, arr: pa.Array, first_row, at, date_format, dayfirst) -> tuple[str, dict]:
-    """`(format to parse with, {'reading', 'format', 'why'})` for the distinct timestamp strings `u` (`arr` in pyarrow) of
-    one file, decided from all of them; `first_row(k)` is the file row of `u[k]`, `at(row)` the `DataError` keywords of a row."""
-    if date_format is not None: return str(date_format), {'reading': 'given', 'format': str(date_format), 'why': 'data.date_format'}
-    kind = np.where(_matches(arr, _ISO), 'iso', np.where(_matches(arr, _DMY), 'dmy', 'other'))
-    odd = np.flatnonzero(kind != kind[0])
-    if len(odd):
-        k = odd[0]
-        raise DataError(f'Cannot parse timestamp {u[k]!r} ({_KINDS[kind[k]]}) in the format of the file, set by {u[0]!r} in file '
-                        f'row {first_row(0) + 1} ({_KINDS[kind[0]]}): every row of a file must use one format', **at(first_row(k)))
-    if kind[0] == 'iso':
-        return 'ISO8601', {'reading': 'ISO 8601', 'format': guess_datetime_format(u[0], dayfirst=False) or 'ISO8601',
-                           'why': 'year first'}
-    if kind[0] == 'other':
-        fmt = guess_datetime_format(u[0], dayfirst=False)   # numeric day/month layouts are _DMY's; dayfirst=True turns %Y/%m/%d into %Y/%d/%m
-        if fmt is None:
-            raise DataError(f'Cannot work out the format of timestamp {u[0]!r}; set data.date_format to its strftime format '
-                            "(e.g. '%d.%m.%Y %H:%M:%S')", **at(first_row(0)))
-        return fmt, {'reading': 'as written', 'format': fmt, 'why': f'the layout of {u[0]!r}'}
-    parts = _groups(arr, _DMY)
-    first, second = parts['first'].astype(int).to_numpy(), parts['second'].astype(int).to_numpy()
-    day_first, month_first = np.flatnonzero(first > 12), np.flatnonzero(second > 12)
-    if dayfirst is not None:
-        chosen, why = bool(dayfirst), f'data.dayfirst: {str(bool(dayfirst)).lower()}'
-    elif len(day_first) and len(month_first):
-        i, j = day_first[0], month_first[0]
-        raise DataError(f'Timestamps of one file mix day-first and month-first dates: {u[i]!r} (file row {first_row(i) + 1}) '
-                        f'can only be day-first, {u[j]!r} (file row {first_row(j) + 1}) only month-first; fix the file',
-                        **at(first_row(j if first_row(j) > first_row(i) else i)))
-    elif len(day_first): chosen, why = True, f'{u[day_first[0]]!r} has a first field > 12'
-    elif len(month_first): chosen, why = False, f'{u[month_first[0]]!r} has a second field > 12'
-    else:
-        m = parts.iloc[0]
-        reads = [f'{pd.to_datetime(u[0], format=f):%Y-%m-%d} ({name}, {f})' for name, f in
-                 (('day-first', _dmy_format(m, True)), ('month-first', _dmy_format(m, False))) if f]
-        raise DataError(f'Cannot tell whether the dates are day-first or month-first: in every timestamp both fields are '
-                        f'<= 12, so {u[0]!r} reads as {" or as ".join(reads)}; {_SETTINGS}',
-                        file=at(0)['file'], column=at(0)['column'])
-    fmt = _dmy_format(parts.iloc[0], chosen)
-    if fmt is None:
-        raise DataError(f'Cannot work out the time-of-day format of timestamp {u[0]!r}; set data.date_format to its '
-                        "strftime format (e.g. '%d/%m/%Y %H:%M:%S')", **at(first_row(0)))
-    return fmt, {'reading': f'{"day" if chosen else "month"}-first', 'format': fmt, 'why': why}
-
-def _timestamp_values(df: pd.DataFrame, found: dict) -> tuple[pd.Series, str]:
-    "(the raw timestamp values, the source column name) of one file: its timestamp column, or date + ' ' + time."
-    if 'timestamp' in found or not ('date' in found and 'time' in found):
-        col = found.get('timestamp', found.get('date', found.get('time')))
-        return df[col], str(col)
-    d, t = df[found['date']], df[found['time']]
-    d = d.dt.strftime('%Y-%m-%d') if pd.api.types.is_datetime64_any_dtype(d) else d.astype(str)
-    return d + ' ' + t.astype(str), f"{found['date']} + {found['time']}"
-
-# %% ../../nbs/101_data.load.ipynb #f1b9c04c
-def _parse_timestamps(df: pd.DataFrame, found: dict, file, sym: pd.Series | None = None, *, date_format=None,
-                      dayfirst=None, timezone=None) -> tuple[np.ndarray, dict]:
-    """`(naive datetime64[ns], {'reading', 'zone'})` for one file's timestamps, every row read with one format that is
-    decided from all of them; `DataError` naming the first missing, ambiguous or unparseable one."""
-    s, col = _timestamp_values(df, found)
-    def at(i): return _at(file, i, column=col, symbol=None if sym is None else str(sym.iloc[i]))
-    missing = s.isna().to_numpy()
-    if missing.any(): raise DataError('Missing timestamp', **at(missing.argmax()))
-    aware_zone = f'converted to {timezone}' if timezone else 'local time of the file'   # offsets dropped, nothing converted
-    naive_zone = f'taken as {timezone}' if timezone else 'local time of the file'
-    kind = pd.api.types.infer_dtype(s, skipna=False)
-    if kind == 'string':   # analysed and parsed once per distinct value
-        codes, u = pd.factorize(s)
-        arr = pc.utf8_trim_whitespace(pa.array(np.asarray(u, dtype=object), type=pa.string()))
-        u = arr.to_numpy(zero_copy_only=False)
-        if _matches(arr, _DIGITS).all(): s, kind = pd.to_numeric(s), 'integer'   # epoch numbers written as text
-    if pd.api.types.is_bool_dtype(s) or kind == 'boolean':
-        raise DataError(f'Cannot parse timestamp {s.iloc[0]!r}', **at(0))
-    if kind in ('integer', 'floating', 'mixed-integer-float'):
-        x = s.to_numpy('float64')
-        if ((x >= 1e7) & (x < 3e7) & (x % 1 == 0)).all():   # 20240102: a date as YYYYMMDD, not an epoch in 1970
-            ts = pd.to_datetime(s.astype('int64').astype(str), format='%Y%m%d', errors='coerce')
-            desc = {'reading': 'YYYYMMDD numbers', 'format': '%Y%m%d', 'zone': naive_zone}
-        else:
-            unit = _epoch_unit(x)
-            ts = pd.to_datetime(s, unit=unit, utc=True, errors='coerce')
-            ts = ts.dt.tz_convert(timezone) if timezone else ts
-            desc = {'reading': 'epoch', 'format': {'s': 'seconds', 'ms': 'milliseconds', 'us': 'microseconds', 'ns': 'nanoseconds'}[unit],
-                    'zone': f'UTC converted to {timezone}' if timezone else 'UTC'}
-    elif isinstance(s.dtype, pd.DatetimeTZDtype):
-        ts = s.dt.tz_convert(timezone) if timezone else s
-        desc = {'reading': 'datetimes', 'format': str(s.dtype), 'zone': aware_zone}
-    elif pd.api.types.is_datetime64_any_dtype(s) or kind in ('datetime', 'datetime64', 'date'):
-        ts = pd.to_datetime(s)   # typed values (parquet): nothing to guess
-        if ts.dt.tz is not None and timezone: ts = ts.dt.tz_convert(timezone)
-        desc = {'reading': 'datetimes', 'format': str(ts.dtype), 'zone': aware_zone if ts.dt.tz is not None else naive_zone}
-    elif kind == 'string':
-        first = np.unique(codes, return_index=True)[1]   # the first row of each distinct value
-        fmt, desc = _string_format(u, arr, lambda k: int(first[k]), at, date_format, dayfirst)
-        parts = _matches(arr, _AWARE) if date_format is None or '%z' in fmt else np.zeros(len(u), bool)
-        if parts.any() and not parts.all():
-            k, j = int(np.flatnonzero(parts)[0]), int(np.flatnonzero(~parts)[0])
-            raise DataError(f'Some timestamps carry a UTC offset and some do not ({u[k]!r} in file row {first[k] + 1} does, '
-                            f'{u[j]!r} does not), so they are not on one clock', **at(int(first[j])))
-        aware = bool(parts.all())
-        if aware and not timezone:   # the wall-clock time as written: drop the offset, convert nothing
-            u, fmt = _groups(arr, _AWARE)['wall'].to_numpy(), fmt if fmt == 'ISO8601' else fmt.replace('%z', '').rstrip()
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            parsed = pd.to_datetime(pd.Series(u, dtype=object), format=fmt, errors='coerce', utc=aware and bool(timezone))
-        bad = np.flatnonzero(parsed.isna().to_numpy())
-        if len(bad):
-            k, n = int(bad[0]), int(np.isin(codes, bad).sum())
-            raise DataError(f'Cannot parse timestamp {s.iloc[first[k]]!r} with the format {desc["format"]!r} chosen for this '
-                            f'file ({desc["reading"]}: {desc["why"]}); a file must use one format'
-                            + ('' if date_format else ', or set data.date_format to the strftime format of every file')
-                            + (f' ({n} such rows; the first is named)' if n > 1 else ''), **at(int(first[k])))
-        if aware and timezone: parsed = parsed.dt.tz_convert(timezone).dt.tz_localize(None)
-        ts = pd.Series(parsed.to_numpy()[codes])
-        desc['zone'] = aware_zone if aware else naive_zone
-    else:
-        i = int(np.argmax(s.map(lambda v: not isinstance(v, str)).to_numpy())) if kind.startswith('mixed') else 0
-        raise DataError(f'Cannot parse timestamp {s.iloc[i]!r}: the column holds {kind} values, not one kind of timestamp', **at(i))
-    bad = ts.isna().to_numpy()
-    if bad.any():
-        i = bad.argmax()
-        raise DataError(f'Cannot parse timestamp {s.iloc[i]!r}', **at(i))
-    if ts.dt.tz is not None: ts = ts.dt.tz_localize(None)
-    lo, hi = pd.Timestamp('1678-01-01'), pd.Timestamp('2262-01-01')
-    out = ((ts < lo) | (ts > hi)).to_numpy()
-    if out.any(): raise DataError(f'Timestamp {s.iloc[out.argmax()]!r} is outside 1678-2261', **at(out.argmax()))
-    return ts.to_numpy('datetime64[ns]'), desc
-
-# %% ../../nbs/101_data.load.ipynb #f0756a9a
-def timestamp_text(how: dict) -> str:
-    "One line on how a file's timestamps were read: 'day-first %d.%m.%Y %H:%M, local time of the file, tz-naive'."
-    return f"{how['reading']} {how['format']}, {how['zone']}, tz-naive"
-
-def _numeric(s: pd.Series, file, col, user: bool = False, sym: pd.Series | None = None) -> np.ndarray:
-    "A column as float64; `DataError` naming the first value that is not a number."
-    if pd.api.types.is_numeric_dtype(s): return s.to_numpy('float64', na_value=np.nan)
-    x = pd.to_numeric(s, errors='coerce')
-    bad = x.isna().to_numpy() & s.notna().to_numpy()
-    if bad.any():
-        i = bad.argmax()
-        what = 'User feature column is not numeric (drop it or encode it as numbers): ' if user else ''
-        raise DataError(f'{what}{s.iloc[i]!r} is not a number',
-                        **_at(file, i, column=str(col), symbol=None if sym is None else str(sym.iloc[i])))
-    return x.to_numpy('float64', na_value=np.nan)
-
-# %% ../../nbs/101_data.load.ipynb #cc009293
-def _read_bars_file(file: Path, adj_close: bool = False, user_columns=(), **when) -> tuple[pd.DataFrame, dict, dict]:
-    """One file as `(frame with canonical + the listed user columns, {canonical: source column name}, how its timestamps
-    were read)`, values parsed, not yet validated; `when`: `_parse_timestamps`' date_format, dayfirst, timezone."""
-    df = _read_file(file)
-    found, extra = _map_columns(df.columns, str(file))
-    names = {str(c): c for c in extra}
-    missing = [c for c in user_columns if c not in names]
-    if missing:
-        raise DataError(f'User column {missing[0]!r} (listed in features.user_columns) is not in this file; its extra '
-                        f'columns are {list(names)}', file=str(file), column=missing[0])
-    user = [names[c] for c in user_columns]
-    if adj_close and 'adjclose' not in found:
-        raise DataError(f"adj_close=True but there is no adjusted close column (spellings: {'/'.join(SPELLINGS['adjclose'])}); "
-                        f"columns found: {[str(c) for c in df.columns]}", file=str(file), column='adjclose')
-    if 'symbol' in found:
-        sym = df[found['symbol']].astype('str').str.strip()
-        bad = (sym.isna() | sym.eq('')).to_numpy()
-        if bad.any(): raise DataError('Missing symbol', **_at(file, bad.argmax(), column=str(found['symbol'])))
-    else:
-        sym = pd.Series(_stem(file), index=df.index, dtype='str')
-    ts, how = _parse_timestamps(df, found, file, sym, **when)
-    out = {'symbol': sym.reset_index(drop=True), 'timestamp': ts}
-    for k in PRICE_COLUMNS + ['volume'] + ['adjclose'] * adj_close: out[k] = _numeric(df[found[k]], file, found[k], sym=sym)
-    for c in user: out[str(c)] = _numeric(df[c], file, c, user=True, sym=sym)
-    return pd.DataFrame(out), {k: str(v) for k, v in found.items()}, {**how, 'ignored': [c for c in names if c not in user_columns]}
 
 # %% ../../nbs/101_data.load.ipynb #176fa82a
 class _Sources:
@@ -467,6 +140,73 @@ def check_load_options(date_format=None, dayfirst=None, timezone=None, user_colu
     return dict(date_format=date_format, dayfirst=None if dayfirst is None else bool(dayfirst),
                 timezone=_check_timezone(timezone), user_columns=user_column_list(user_columns))
 
+# %% ../../nbs/101_data.load.ipynb #0db5a78f
+def _readings(files, hows) -> list[dict]:
+    "One entry per distinct way the files' timestamps were read (`timestamp_text`), with how many files and the first."
+    readings = {}
+    for f, how in zip(files, hows):
+        key = timestamp_text(how)
+        readings.setdefault(key, {**{k: how[k] for k in ('reading', 'format', 'zone')}, 'text': key, 'files': 0, 'first_file': f.name})
+        readings[key]['files'] += 1
+    return list(readings.values())
+
+def _prices(df: pd.DataFrame, adj_close: bool) -> dict:
+    "The OHLCV arrays: scaled to the adjusted close when `adj_close`, with sub-tolerance rounding clipped into [low, high]."
+    o, h, l, c = (df[k].to_numpy() for k in PRICE_COLUMNS)
+    if adj_close:
+        f = df['adjclose'].to_numpy() / c
+        o, h, l, c = o * f, h * f, l * f, df['adjclose'].to_numpy()
+    h, l = np.maximum.reduce([h, l, o, c]), np.minimum.reduce([h, l, o, c])  # clip sub-tolerance rounding
+    return {'open': o, 'high': h, 'low': l, 'close': c, 'volume': df['volume'].to_numpy()}
+
+def _user_values(df: pd.DataFrame, user: list[str], src: _Sources) -> dict:
+    "The user feature columns as float64, inf set to NaN with a `DataWarning` (attributed to `load_bars`' caller)."
+    cols = {}
+    for u in user:
+        x = df[u].to_numpy('float64', copy=True)
+        inf = np.isinf(x)
+        if inf.any():
+            i = int(inf.argmax()); at = src.at(i, u)
+            warnings.warn(DataWarning(f'{int(inf.sum())} infinite value(s) in user feature column {u!r} set to NaN '
+                                      f"(first: file {at['file']!r}, row {at['row']})"), stacklevel=3)
+            x[inf] = np.nan
+        cols[u] = x
+    return cols
+
+def _sorted(df: pd.DataFrame, cols: dict) -> tuple[np.ndarray, pd.Index, np.ndarray, dict, np.ndarray | None]:
+    """`(symbol codes, symbols, timestamps, cols, order)` sorted by (symbol, timestamp) on integer keys; stable, so equal
+    keys keep file order. `order` maps sorted rows back to the frame's rows, None when it was sorted already."""
+    codes, uniques = pd.factorize(df['symbol'], sort=True)
+    ts = df['timestamp'].to_numpy('datetime64[ns]')
+    order = np.lexsort((ts.view('int64'), codes))
+    if (order == np.arange(len(order))).all(): return codes, uniques, ts, cols, None
+    return codes[order], uniques, ts[order], {k: v[order] for k, v in cols.items()}, order
+
+# %% ../../nbs/101_data.load.ipynb #2675dfae
+def _check_unique(codes: np.ndarray, uniques: pd.Index, ts: np.ndarray, order: np.ndarray | None, src: _Sources) -> None:
+    "`DataError` for the first duplicate (symbol, timestamp) of the sorted rows, naming both source rows."
+    ti = ts.view('int64')
+    dup = (codes[1:] == codes[:-1]) & (ti[1:] == ti[:-1])
+    if dup.any():
+        k = int(dup.argmax()); a, b = (k, k + 1) if order is None else (int(order[k]), int(order[k + 1]))
+        first, second = src.at(a, 'timestamp'), src.at(b, 'timestamp')
+        where = f"row {first['row']}" + (f" (file line {first['line']})" if first['line'] else '')
+        where += '' if first['file'] == second['file'] else f" of {first['file']!r}"
+        raise DataError(f'Duplicate timestamp {pd.Timestamp(ts[k + 1])} for this symbol; first seen at {where}' + _more(int(dup.sum())),
+                        symbol=str(uniques[codes[k]]), **second)
+
+def _check_min_rows(codes: np.ndarray, uniques: pd.Index, order: np.ndarray | None, src: _Sources, min_rows: int, path) -> None:
+    "`DataError` for the first symbol with fewer than `min_rows` rows, listing a few more."
+    counts = np.bincount(codes, minlength=len(uniques))
+    short = np.flatnonzero(counts < min_rows)
+    if len(short):
+        s = short[0]; i = int(np.flatnonzero(codes == s)[0]); i = i if order is None else int(order[i])
+        others = ', '.join(f'{uniques[j]} ({counts[j]})' for j in short[1:6]) + (' ...' if len(short) > 6 else '')
+        raise DataError(f'Symbol has {counts[s]} rows, fewer than min_rows={min_rows} (default MIN_ROWS = longest feature '
+                        f'window 60 + path horizon 30 + margin 10); pass a smaller min_rows to load it anyway'
+                        + (f'; also short: {others}' if others else ''),
+                        file=src.at(i)['file'] if len(src.files) > 1 else str(path), symbol=str(uniques[s]))
+
 # %% ../../nbs/101_data.load.ipynb #19e6522b
 def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = None, timezone: str | None = None,
               user_columns=(), adj_close: bool = False, min_rows: int | None = None, tol: float = PRICE_TOL) -> pd.DataFrame:
@@ -482,59 +222,18 @@ def load_bars(path, *, date_format: str | None = None, dayfirst: bool | None = N
     files = _data_files(path)
     parts = [_read_bars_file(f, adj_close, user, **when) for f in files]
     src = _Sources(files, [n for _, n, _ in parts], [len(df) for df, _, _ in parts])
-    readings = {}
-    for f, (_, _, how) in zip(files, parts):
-        key = timestamp_text(how)
-        readings.setdefault(key, {**{k: how[k] for k in ('reading', 'format', 'zone')}, 'text': key, 'files': 0, 'first_file': f.name})
-        readings[key]['files'] += 1
-    ignored = list(dict.fromkeys(c for _, _, how in parts for c in how['ignored']))
+    hows = [how for _, _, how in parts]
     df = parts[0][0] if len(parts) == 1 else pd.concat([p[0][parts[0][0].columns] for p in parts], ignore_index=True)
     del parts
     _check_rows(df, src, tol, PRICE_COLUMNS + ['adjclose'] * adj_close)
-    o, h, l, c = (df[k].to_numpy() for k in PRICE_COLUMNS)
-    if adj_close:
-        f = df['adjclose'].to_numpy() / c
-        o, h, l, c = o * f, h * f, l * f, df['adjclose'].to_numpy()
-    h, l = np.maximum.reduce([h, l, o, c]), np.minimum.reduce([h, l, o, c])  # clip sub-tolerance rounding
-    cols = {'open': o, 'high': h, 'low': l, 'close': c, 'volume': df['volume'].to_numpy()}
-    for u in user:
-        x = df[u].to_numpy('float64', copy=True)
-        inf = np.isinf(x)
-        if inf.any():
-            i = int(inf.argmax()); at = src.at(i, u)
-            warnings.warn(DataWarning(f'{int(inf.sum())} infinite value(s) in user feature column {u!r} set to NaN '
-                                      f"(first: file {at['file']!r}, row {at['row']})"), stacklevel=2)
-            x[inf] = np.nan
-        cols[u] = x
-    # sort by (symbol, timestamp) on integer keys; stable, so equal keys keep file order
-    codes, uniques = pd.factorize(df['symbol'], sort=True)
-    ts = df['timestamp'].to_numpy('datetime64[ns]')
-    ti = ts.view('int64')
-    order = np.lexsort((ti, codes))
-    if not (order == np.arange(len(order))).all():
-        codes, ts, ti = codes[order], ts[order], ti[order]
-        cols = {k: v[order] for k, v in cols.items()}
-    else: order = None
-    dup = (codes[1:] == codes[:-1]) & (ti[1:] == ti[:-1])
-    if dup.any():
-        k = int(dup.argmax()); a, b = (k, k + 1) if order is None else (int(order[k]), int(order[k + 1]))
-        first, second = src.at(a, 'timestamp'), src.at(b, 'timestamp')
-        where = f"row {first['row']}" + (f" (file line {first['line']})" if first['line'] else '')
-        where += '' if first['file'] == second['file'] else f" of {first['file']!r}"
-        raise DataError(f'Duplicate timestamp {pd.Timestamp(ts[k + 1])} for this symbol; first seen at {where}' + _more(int(dup.sum())),
-                        symbol=str(uniques[codes[k]]), **second)
-    counts = np.bincount(codes, minlength=len(uniques))
-    short = np.flatnonzero(counts < min_rows)
-    if len(short):
-        s = short[0]; i = int(np.flatnonzero(codes == s)[0]); i = i if order is None else int(order[i])
-        others = ', '.join(f'{uniques[j]} ({counts[j]})' for j in short[1:6]) + (' ...' if len(short) > 6 else '')
-        raise DataError(f'Symbol has {counts[s]} rows, fewer than min_rows={min_rows} (default MIN_ROWS = longest feature '
-                        f'window 60 + path horizon 30 + margin 10); pass a smaller min_rows to load it anyway'
-                        + (f'; also short: {others}' if others else ''),
-                        file=src.at(i)['file'] if len(files) > 1 else str(path), symbol=str(uniques[s]))
+    cols = {**_prices(df, adj_close), **_user_values(df, user, src)}
+    codes, uniques, ts, cols, order = _sorted(df, cols)
+    _check_unique(codes, uniques, ts, order, src)
+    _check_min_rows(codes, uniques, order, src, min_rows, path)
     bars = pd.DataFrame({'symbol': uniques.take(codes).astype('str'), 'timestamp': ts, **cols})
     infer_interval(bars, file=str(path))
-    bars.attrs.update(timestamps=list(readings.values()), timezone=when['timezone'], user_columns=user, ignored_columns=ignored)
+    bars.attrs.update(timestamps=_readings(files, hows), timezone=when['timezone'], user_columns=user,
+                      ignored_columns=list(dict.fromkeys(c for how in hows for c in how['ignored'])))
     return bars
 
 # %% ../../nbs/101_data.load.ipynb #d671e745
