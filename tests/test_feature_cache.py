@@ -19,6 +19,7 @@ import pytest
 from synthetic import realistic_bars
 from pipeline_lib.features import store as fc
 from pipeline_lib import features as F
+from pipeline_lib.core.writer import sha256_file
 
 
 @pytest.fixture
@@ -110,7 +111,7 @@ def test_hit_returns_identical_frame_without_rebuilding(bars, tmp_path, monkeypa
     assert _entry_files(tmp_path) == [f'{key}/manifest.json', f'{key}/{part[:-8]}.json', f'{key}/{part}']
     manifest = json.loads((fc.store_dir(key, tmp_path) / 'manifest.json').read_text())
     assert manifest['rows'] == len(bars) and manifest['columns'] == list(map(str, first.columns))
-    assert manifest['partitions'][0]['sha256'] == fc.file_sha256(fc.store_dir(key, tmp_path) / part)
+    assert manifest['partitions'][0]['sha256'] == sha256_file(fc.store_dir(key, tmp_path) / part)
     # a different config or different data is a different store, built once
     fc.cached_features(bars.iloc[:len(bars) // 2], cache_dir=tmp_path, progress=False)
     assert len(calls) == 2 and len(_entry_files(tmp_path)) == 6
@@ -124,7 +125,7 @@ def _garble_manifest(p, s): (p.parent / 'manifest.json').write_text('{"key": ')
 def _drop_parquet(p, s): p.unlink()
 def _rehash(p, s, **changes):
     "Record the damaged file's size and hash as if it were good, in its sidecar and in the manifest."
-    new = dict(bytes=p.stat().st_size, sha256=fc.file_sha256(p), **changes)
+    new = dict(bytes=p.stat().st_size, sha256=sha256_file(p), **changes)
     for f in (s, p.parent / 'manifest.json'):
         info = json.loads(f.read_text())
         target = info if f == s else info['partitions'][0]
@@ -211,7 +212,7 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
                 except Exception as e:  # noqa: BLE001 - any unreadable file under the final name is the failure
                     seen['bad'].append(repr(e))
             if p.parent.exists():
-                for t in p.parent.glob(f'.{p.name}.*.tmp'):
+                for t in p.parent.glob(f".{p.name}.tmp-*"):
                     try:
                         if 0 < t.stat().st_size: seen['partial_temp'] += 1
                     except FileNotFoundError: pass
@@ -230,7 +231,7 @@ def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
     assert seen['bad'] == [], f'a partial or foreign file was visible under the final name: {seen["bad"][:3]}'
     assert seen['partial_temp'] > 0, 'the poller never saw a write in progress, so this test proved nothing'
     assert seen['complete'] > 0
-    assert [n for n in _entry_files(tmp_path) if n.endswith('.tmp')] == []
+    assert [n for n in _entry_files(tmp_path) if '.tmp-' in n] == []
     fc.open_store(fc.cache_key(bars), tmp_path, rows=len(bars))
 
 
@@ -315,4 +316,4 @@ def test_a_build_killed_mid_way_leaves_nothing_a_later_run_would_use(five_symbol
     store = fc.build_store(b, cache_dir=tmp_path, partition_rows=1000, progress=False)
     assert len(built) == len(store.partitions) - 2, 'only the missing partitions are built'
     pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)
-    assert [n for n in os.listdir(store.path) if n.endswith('.tmp')] == [], "the killed process's temp file is swept"
+    assert [n for n in os.listdir(store.path) if '.tmp-' in n] == [], "the killed process's temp file is swept"

@@ -24,8 +24,8 @@ from .config import PipelineError, repo_root
 from .errors import ArtifactError
 
 # %% auto #0
-__all__ = ['finite_or_none', 'json_safe', 'json_dumps_safe', 'atomic_write_bytes', 'atomic_write_json', 'dir_lock', 'read_json',
-           'merge_json_atomic']
+__all__ = ['finite_or_none', 'json_safe', 'json_dumps_safe', 'pid_alive', 'atomic_write', 'atomic_write_bytes',
+           'sweep_dead_temps', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic']
 
 # %% ../../nbs/004_core.atomic.ipynb #f1a7c0de
 def finite_or_none(v) -> float | None:
@@ -66,20 +66,43 @@ def _fsync_dir(path: Path):
         try: os.fsync(fd)
         finally: os.close(fd)
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    "Write `data` to `path` via a temp file + fsync + `os.replace`: readers see the old or the new file, never half."
+def pid_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine (a process of another user counts as running)."
+    if pid == os.getpid(): return True
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except (PermissionError, OSError): return True
+    return True
+
+def atomic_write(path, write) -> Path:
+    """Call `write(tmp)` to fill a temp file `.<name>.tmp-<pid>-<random>` next to `path`, fsync it and rename it over
+    `path` (`os.replace`, atomic on one filesystem): readers see the old or the new file, never half of one. On any
+    error the temp file is removed and `path` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}')
     try:
-        with open(tmp, 'wb') as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
+        write(tmp)
+        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError): tmp.unlink()
         raise
     _fsync_dir(path.parent)
     return path
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    "Write `data` to `path` atomically (`atomic_write`)."
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+def sweep_dead_temps(folder) -> list[Path]:
+    "Remove the temp files in `folder` whose writer no longer runs (a killed process); a live writer's stay."
+    gone = []
+    for tmp in Path(folder).glob('.*.tmp-*-*'):
+        try: pid = int(tmp.name.rsplit('-', 2)[-2])
+        except ValueError: continue
+        if not pid_alive(pid): tmp.unlink(missing_ok=True); gone.append(tmp)
+    return gone
 
 def atomic_write_json(path, obj, indent: int | None = 2) -> Path:
     "Write `obj` as JSON (NaN -> null) to `path` atomically."

@@ -21,7 +21,7 @@ from importlib import metadata as _md
 from pathlib import Path
 
 from .atomic import (
-    _fsync_dir, _show, atomic_write_bytes, atomic_write_json, dir_lock, json_dumps_safe, json_safe)
+    _fsync_dir, _show, atomic_write_bytes, atomic_write_json, dir_lock, json_dumps_safe, json_safe, pid_alive)
 from .errors import ArtifactError, ArtifactWarning
 
 # %% auto #0
@@ -91,13 +91,6 @@ def check_signature(artifact_dir, manifest_bytes: bytes, key: bytes | None, what
 # %% ../../nbs/005_core.writer.ipynb #2be0f4dd
 _STALE_AGE_S = 24 * 3600
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid(): return True
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except (PermissionError, OSError): return True
-    return True
-
 def _siblings(final: Path, what: str):
     "(path, pid) for each `.<name>.<what>-<pid>-<rand>` folder next to `final`."
     pat = re.compile(rf'^\.{re.escape(final.name)}\.{what}-(\d+)-[0-9a-f]+$')
@@ -107,7 +100,7 @@ def _siblings(final: Path, what: str):
 def _is_stale(path: Path, pid: int) -> bool:
     with contextlib.suppress(OSError):
         if time.time() - path.stat().st_mtime > _STALE_AGE_S: return True
-    return not _pid_alive(pid)
+    return not pid_alive(pid)
 
 def recover_artifact_dir(final_dir) -> bool:
     "If `final_dir` is missing because a writer died mid-swap, rename its trash folder back. Returns True if it did. Call under `dir_lock(parent)`."

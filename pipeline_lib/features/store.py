@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +19,17 @@ import pyarrow.parquet as pq
 
 import pipeline_lib.features as _features   # the feature API through the package: one place to read (or patch) it
 from ..core.config import PipelineError, load_settings
+from ..core.atomic import atomic_write, atomic_write_json, sweep_dead_temps
 from ..core.executor import run_tasks
+from ..core.writer import sha256_file
 from .build import _check_bars, cross_section_config
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PARQUET_OPTIONS', 'FeatureCacheError', 'data_fingerprint', 'cache_key', 'feature_cache_dir', 'store_dir',
-           'file_sha256', 'partition_name', 'write_partition', 'verify_partition', 'plan_partitions', 'FeatureStore',
-           'open_store', 'build_store', 'cached_store', 'cached_features']
+           'partition_name', 'write_partition', 'verify_partition', 'plan_partitions', 'FeatureStore', 'open_store',
+           'build_store', 'cached_store', 'cached_features']
 
 # %% ../../nbs/210_features.store.ipynb #c29b7484
 class FeatureCacheError(PipelineError):
@@ -76,30 +76,6 @@ def store_dir(key: str, cache_dir=None) -> Path:
 # %% ../../nbs/210_features.store.ipynb #1f6f1cb0
 PARQUET_OPTIONS = dict(compression='lz4', use_dictionary=False, use_byte_stream_split=True)
 
-def _atomic_write(path: Path, write) -> None:
-    "Call `write(tmp_path)` to fill a temp file next to `path`, fsync it, and rename it to `path` atomically."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.{os.getpid()}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try: os.unlink(tmp)
-        except FileNotFoundError: pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try: os.fsync(dfd)
-        finally: os.close(dfd)
-    except OSError: pass  # some filesystems cannot fsync a directory; the rename is still atomic
-
-def file_sha256(path) -> str:
-    "sha256 hex digest of a file, read in chunks."
-    with open(path, 'rb') as f: return hashlib.file_digest(f, 'sha256').hexdigest()
-
 def _to_table(frame: pd.DataFrame) -> pa.Table:
     "An Arrow table sharing `frame`'s column buffers; NaN stays NaN (not null), so reading back is zero-copy."
     return pa.table({str(c): pa.array(frame[c].to_numpy(), from_pandas=False) for c in frame.columns})
@@ -111,13 +87,11 @@ def partition_name(lo: int, hi: int) -> str:
 def write_partition(features: pd.DataFrame, path, **meta) -> dict:
     "Store `features` as the parquet file `path` with a sidecar `path.json` (both atomic); returns the sidecar's contents."
     path = Path(path)
-    table = _to_table(features)
-    _atomic_write(path, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
-    del table
+    atomic_write(path, lambda tmp: pq.write_table(_to_table(features), tmp, **PARQUET_OPTIONS))
     info = {'file': path.name, 'rows': int(len(features)), 'columns': [str(c) for c in features.columns],
             'dtypes': sorted({str(t) for t in features.dtypes}), 'bytes': path.stat().st_size,
-            'sha256': file_sha256(path), 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), **meta}
-    _atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1, default=str)))
+            'sha256': sha256_file(path), 'created': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), **meta}
+    atomic_write_json(path.with_suffix('.json'), info, indent=1)
     return info
 
 # %% ../../nbs/210_features.store.ipynb #32cd1e6b
@@ -133,7 +107,7 @@ def _verified(path: Path, info: dict, expect: dict | None = None) -> dict:
         if info.get(k) != v: raise FeatureCacheError(f'{path.name}: {k} is {str(info.get(k))[:60]}, expected {str(v)[:60]}')
     size = path.stat().st_size
     if size != info['bytes']: raise FeatureCacheError(f'{path.name} has {size} bytes, its description says {info["bytes"]} (truncated?)')
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if digest != info['sha256']: raise FeatureCacheError(f'{path.name} sha256 {digest[:12]}... != recorded {info["sha256"][:12]}...')
     try: meta = pq.read_metadata(path)
     except Exception as e: raise FeatureCacheError(f'{path.name} is not readable parquet: {e}') from None
@@ -240,15 +214,6 @@ def _build_partition(task: dict) -> dict:
     frame = frame.iloc[task['lo'] - task['history_lo']:].reset_index(drop=True)
     return write_partition(frame, path, lo=task['lo'], hi=task['hi'])
 
-def _sweep_dead_temps(path: Path):
-    "Remove temp files left in `path` by writers that are no longer running (a killed build); a live writer's stay."
-    for tmp in path.glob('.*.tmp'):
-        try: pid = int(tmp.name.rsplit('.', 3)[-3])
-        except (ValueError, IndexError): continue
-        try: os.kill(pid, 0)
-        except ProcessLookupError: tmp.unlink(missing_ok=True)
-        except PermissionError: pass   # a live process of another user
-
 def _symbol_starts(bars: pd.DataFrame) -> np.ndarray:
     codes = pd.factorize(bars['symbol'])[0]
     return np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
@@ -264,7 +229,7 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     key = cache_key(bars, cfg, fingerprint=fingerprint)
     path = store_dir(key, cache_dir)
     path.mkdir(parents=True, exist_ok=True)
-    _sweep_dead_temps(path)
+    sweep_dead_temps(path)
     parts = plan_partitions(_symbol_starts(bars), len(bars), partition_rows)
     t0 = time.perf_counter()
     cs = _features.build_cross_section(bars, cfg) if len(parts) > 1 and cross_section_config(cfg)['families'] else None
@@ -281,7 +246,7 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
                 'data_fingerprint': fingerprint, 'feature_config': cfg,
                 'library_version': str(_features.FEATURE_LIBRARY_VERSION), 'build_seconds': round(time.perf_counter() - t0, 3)}
     for p in manifest['partitions']: del p['columns']   # the store's columns, checked against each partition on open
-    _atomic_write(path / 'manifest.json', lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1, default=str)))
+    atomic_write_json(path / 'manifest.json', manifest, indent=1)
     keep = {i['file'] for i in infos}
     for stray in path.glob('part-*.*'):   # partitions of an earlier plan (another partition_rows)
         if stray.with_suffix('.parquet').name not in keep: stray.unlink(missing_ok=True)
