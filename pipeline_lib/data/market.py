@@ -5,20 +5,26 @@
 # %% ../../nbs/102_data.market.ipynb #55d3e130
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import warnings
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
-from ..core.config import PipelineError, config_defaults
+from ..core.atomic import atomic_write, atomic_write_json, read_json
+from ..core.config import PipelineError, config_defaults, load_settings
+from ..core.writer import sha256_file
 from .load import BAR_COLUMNS
 
 # %% auto #0
 __all__ = ['BARS_PER_DAY', 'SESSION_OPEN', 'REGIMES', 'ORACLE_SOURCES', 'oracle_sources', 'MarketParams', 'stationary',
            'intraday_profiles', 'confirmation', 'drift_inputs', 'causal_oracle', 'drift_sum', 'make_market',
-           'mc_oracle']
+           'cached_market', 'mc_oracle']
 
 # %% ../../nbs/102_data.market.ipynb #cc60ed6a
 BARS_PER_DAY = 390
@@ -303,6 +309,30 @@ def make_market(*, seed: int = _MARKET['seed'], strength: float = _MARKET['stren
     oracle = pd.DataFrame({'oracle': causal_oracle(bars, state, strength=strength, horizon=horizon, params=p),
                            'oracle_bound': drift_sum(state['mu'], bars['symbol'], horizon)})
     return (bars, oracle, state) if return_state else (bars, oracle)
+
+# %% ../../nbs/102_data.market.ipynb #6139c60b
+def _market_key(kw: dict) -> str:
+    source = Path(__file__).read_bytes() if '__file__' in globals() else b''
+    payload = json.dumps(kw, sort_keys=True, default=str).encode() + hashlib.sha256(source).digest()
+    return hashlib.sha256(payload).hexdigest()[:24]
+
+def cached_market(cache_dir=None, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
+    "`make_market(**kw)` as `(bars, oracle)`, read from `<cache_dir>/markets/<key>.parquet` when a verified copy exists."
+    folder = Path(cache_dir if cache_dir is not None else load_settings()['cache_dir']) / 'markets'
+    path = folder / f'{_market_key(kw)}.parquet'
+    side = path.with_suffix('.json')
+    if path.exists() and side.exists():
+        info = read_json(side, 'market sidecar')
+        if info.get('sha256') == sha256_file(path):
+            both = pd.read_parquet(path)
+            return both[BAR_COLUMNS].astype({'symbol': 'str'}), both[['oracle', 'oracle_bound']]
+    bars, oracle = make_market(**kw)
+    try:
+        atomic_write(path, lambda tmp: pd.concat([bars, oracle], axis=1).to_parquet(tmp, compression='lz4'))
+        atomic_write_json(side, {'arguments': kw, 'rows': len(bars), 'sha256': sha256_file(path)})
+    except OSError as e:
+        warnings.warn(f'could not keep the market under {folder} ({e}); every phase will simulate it again', stacklevel=2)
+    return bars, oracle
 
 # %% ../../nbs/102_data.market.ipynb #6597ed69
 def mc_oracle(bars: pd.DataFrame, state: pd.DataFrame, rows, *, strength: float = 1.0, horizon: int = 5,

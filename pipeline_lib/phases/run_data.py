@@ -18,7 +18,7 @@ from ..data.load import describe_load, infer_interval, load_bars, load_options, 
 from ..core.executor import local_executor
 from ..features.build import build_features
 from ..features.store import FeatureStore, cached_store, data_fingerprint
-from ..data.market import make_market
+from ..data.market import cached_market, make_market
 from ..evaluation.metrics import evaluate
 from ..data.splits import SPLITS, make_split, split_summary
 from ..data.targets import build_targets, fwd_ret_name, max_horizon
@@ -122,7 +122,7 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
         bars, oracle, source = load_bars(data_dir, **load_options(cfg)), None, str(Path(data_dir).resolve())
     else:
         m = dict(cfg['data']['market'])
-        bars, oracle = make_market(**m, horizon=int(tc['horizons'][0]))
+        bars, oracle = cached_market(cache_dir, **m, horizon=int(tc['horizons'][0]))
         source = 'embedded'
     loading = describe_load(bars)
     bars, oracle = reduce_bars(bars, oracle, cfg)
