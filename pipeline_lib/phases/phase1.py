@@ -298,7 +298,7 @@ def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     return FeatureTransformer(**params).fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
                                             oracle=rd.oracle['oracle'].iloc[rows] if use_oracle else None)
 
-# %% ../../nbs/503_phases.phase1.ipynb #fcc24424
+# %% ../../nbs/503_phases.phase1.ipynb #f692fd9f
 def _phase1_meta(cfg: dict, rd, run_name: str | None, n_train: int) -> dict:
     "The manifest's `meta`: the config and feature config (with their hashes), the data and the rows fitted on."
     return {'config': cfg, 'config_hash': config_hash(cfg), 'feature_config': normalise_feature_config(cfg.get('features')),
@@ -314,6 +314,7 @@ def _transform_all(ft: FeatureTransformer, rd, tr: np.ndarray) -> tuple[pd.DataF
     return out, {'active_dims': int((z.var(0) > 0.05).sum()), 'regimes': _regime_report(ft, rd, out['regime'].to_numpy(), tr),
                  'rows': {s: int(len(rd.rows(s))) for s in ('train', 'valid', 'test')}}
 
+# %% ../../nbs/503_phases.phase1.ipynb #fcc24424
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
     """Phase 1 for the run `cfg` describes: data, selection and engineering on the training rows, artifacts in

@@ -181,7 +181,7 @@ def daily_ic(frame: pd.DataFrame, pred_col: str, target: str, split: str = 'test
     return pd.Series({k: (g[pred_col].corr(g[target]) if len(g) > 2 else np.nan) for k, g in d.groupby(day)},
                      name='ic', dtype=float).rename_axis('day')
 
-# %% ../../nbs/504_phases.phase2.ipynb #6cace021
+# %% ../../nbs/504_phases.phase2.ipynb #bdd55e55
 CORE_DIR = 'core_models'
 
 def write_core_models(out_dir, fits: Fits, meta: dict) -> dict:
@@ -205,6 +205,7 @@ def write_core_models(out_dir, fits: Fits, meta: dict) -> dict:
             'heads': fits.multitask.heads if fits.multitask is not None else None})
     return w.manifest
 
+# %% ../../nbs/504_phases.phase2.ipynb #6cace021
 @dataclass
 class CoreModels:
     "Phase 2's models loaded from verified artifacts; `predict` gives `<model>__<target>` columns."
@@ -276,7 +277,7 @@ class Phase2Result(PhaseResult):
             rows[m] = r
         return pd.DataFrame(rows).T.astype(float)
 
-# %% ../../nbs/504_phases.phase2.ipynb #c005a665
+# %% ../../nbs/504_phases.phase2.ipynb #fdcda8a9
 def _evaluate(rd: RunData, frame: pd.DataFrame, fits: Fits, cfg: dict, opts: dict, model_list, lgbm_targets,
               reports_dir, metadata_dir) -> tuple[dict, dict, dict, list]:
     "(`phase2.models` metrics, {model: BacktestResult}, the verdict's checks, the verdict in words) of the scored `frame`."
@@ -292,6 +293,7 @@ def _fitted_fallback_rows(rd: RunData, opts: dict, lgbm_targets, heads) -> dict:
     return demean_fallback_rows(rd.targets[fitted], rd.bars['timestamp'].to_numpy(),
                                 {s: rd.rows(s) for s in ('train', 'valid')}, opts['demean_returns'])
 
+# %% ../../nbs/504_phases.phase2.ipynb #c005a665
 def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None, metadata_dir=None, output_dir=None,
                run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase2Result:
     """Phase 2 for the run `cfg` describes. Reads Phase 1's artifacts from `metadata_dir` (default

@@ -306,7 +306,7 @@ def _fit_and_predict(run: PhaseRun, mcfgs: dict, X: np.ndarray, y_fit: np.ndarra
                 + (f'; capped by {", ".join(cap["by"])}' if cap['active'] else ''))
     return fits, preds, pred_sec
 
-# %% ../../nbs/505_phases.phase3.ipynb #dfdc1bed
+# %% ../../nbs/505_phases.phase3.ipynb #1c6d63de
 def _compare(run: PhaseRun, frame: pd.DataFrame, owned: list, primary: str, fits: dict, ft, reports_dir, output_dir,
              metadata_dir) -> tuple[pd.DataFrame, dict]:
     """`compare_with_phase2` on the merged predictions.parquet (written to `reports_dir` when given), without Phase 2's
@@ -327,6 +327,7 @@ def _compare(run: PhaseRun, frame: pd.DataFrame, owned: list, primary: str, fits
     if stale: comp['phase2_stale'], comp['message'] = stale, stale
     return table, comp
 
+# %% ../../nbs/505_phases.phase3.ipynb #dfdc1bed
 def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None, output_dir=None,
                run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase3Result:
     """Phase 3 for the run `cfg` describes, with the folders of `run_phase2`: its models go to
