@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +28,8 @@ from .transformer import FeatureTransformer
 # %% auto #0
 __all__ = ['ARTIFACT_KIND', 'SCALER_FILE', 'VAE_FILE', 'GMM_FILE', 'phase1_options', 'is_path_target', 'primary_lookahead_bars',
            'transformer_params', 'top_features_file', 'feature_config_hash', 'phase1_expect', 'save_transformer',
-           'load_transformer', 'Phase1Missing', 'check_phase1', 'phase1_binding', 'load_phase1', 'Phase1Result',
-           'bar_returns', 'phase1_metrics', 'fit_phase1', 'run_phase1']
+           'load_transformer', 'Phase1Missing', 'check_phase1', 'phase1_binding', 'phase1_lineage', 'load_phase1',
+           'Phase1Result', 'bar_returns', 'phase1_metrics', 'fit_phase1', 'run_phase1']
 
 # %% ../../nbs/503_phases.phase1.ipynb #95718fa4
 def phase1_options(cfg: dict) -> dict:
@@ -196,6 +195,13 @@ def phase1_binding(what: str, recorded: str | None, current: str, metadata_dir) 
                 f'they were trained on the Phase 1 artifacts now in {metadata_dir} ({current[:12]}...)')
     return f'{what} were trained on Phase 1 manifest {recorded[:12]}..., but {metadata_dir} now holds {current[:12]}...'
 
+def phase1_lineage(ft: FeatureTransformer) -> dict:
+    """What a later phase's manifest records about the Phase 1 its models were trained on: the hashes of Phase 1's
+    selected features, output columns and config, and of its manifest (what `phase1_binding` compares)."""
+    pm = ft.manifest_.get('meta', {}) if getattr(ft, 'manifest_', None) else {}
+    return {'phase1_features_hash': pm.get('features_hash'), 'phase1_output_columns_hash': pm.get('output_columns_hash'),
+            'phase1_config_hash': pm.get('config_hash'), 'phase1_manifest_sha256': getattr(ft, 'manifest_sha256_', None)}
+
 def load_phase1(metadata_dir, cfg: dict, phase: int, fingerprint: str | None = None) -> FeatureTransformer:
     "Phase 1's fitted `FeatureTransformer` for Phase `phase`, from verified artifacts built with `cfg` (and data `fingerprint`)."
     d = Path(metadata_dir)
@@ -209,8 +215,10 @@ def load_phase1(metadata_dir, cfg: dict, phase: int, fingerprint: str | None = N
                             f"{str(e).rstrip('.')}. {_PHASE1_HINT}") from None
 
 # %% ../../nbs/503_phases.phase1.ipynb #7dfaf22d
+from .run_data import PhaseResult
+
 @dataclass
-class Phase1Result:
+class Phase1Result(PhaseResult):
     "What Phase 1 produced: the fitted transformer, the run's data, every row transformed, metrics and paths."
     transformer: FeatureTransformer
     data: object                    # pipeline_lib.phases.run_data.RunData
@@ -218,10 +226,6 @@ class Phase1Result:
     metrics: dict                   # metrics.json's `phase1` key
     oracle: dict | None             # metrics.json's `oracle` key (embedded data)
     metadata_dir: Path
-    reports_dir: Path | None
-    manifest: dict
-    seconds: float
-    timings: dict = field(default_factory=dict)
 
     @property
     def selected(self) -> list[str]: return list(self.transformer.selected_features_)
@@ -294,22 +298,34 @@ def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     return FeatureTransformer(**params).fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
                                             oracle=rd.oracle['oracle'].iloc[rows] if use_oracle else None)
 
+# %% ../../nbs/503_phases.phase1.ipynb #f692fd9f
+def _phase1_meta(cfg: dict, rd, run_name: str | None, n_train: int) -> dict:
+    "The manifest's `meta`: the config and feature config (with their hashes), the data and the rows fitted on."
+    return {'config': cfg, 'config_hash': config_hash(cfg), 'feature_config': normalise_feature_config(cfg.get('features')),
+            'feature_config_hash': feature_config_hash(cfg.get('features')), 'feature_library_version': FEATURE_LIBRARY_VERSION,
+            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'primary_target': cfg['primary_target'],
+            'run_name': run_name, 'n_train_rows': int(n_train), 'interval': str(rd.interval),
+            'universe': sorted(rd.bars['symbol'].astype(str).unique())}   # cross-sectional features depend on it
+
+def _transform_all(ft: FeatureTransformer, rd, tr: np.ndarray) -> tuple[pd.DataFrame, dict]:
+    "(every row transformed, what `phase1_metrics` reports of it: active latent dimensions and regimes on the training rows `tr`, rows per split)."
+    out = ft.transform(rd.features)
+    z = out[[c for c in out.columns if c.startswith('vae_')]].to_numpy()[tr]
+    return out, {'active_dims': int((z.var(0) > 0.05).sum()), 'regimes': _regime_report(ft, rd, out['regime'].to_numpy(), tr),
+                 'rows': {s: int(len(rd.rows(s))) for s in ('train', 'valid', 'test')}}
+
 # %% ../../nbs/503_phases.phase1.ipynb #fcc24424
 def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None,
                run_name: str | None = None, run_data=None, progress: bool = True) -> Phase1Result:
     """Phase 1 for the run `cfg` describes: data, selection and engineering on the training rows, artifacts in
     `metadata_dir` (default `<artifact_root>/metadata`), the `phase1` (and `oracle`) keys of `<reports_dir>/metrics.json`."""
-    from pipeline_lib.phases.run_data import oracle_metrics, prepare_run_data
-    say = print if progress else (lambda *a, **k: None)
-    t_start = time.perf_counter()
+    from pipeline_lib.phases.run_data import PhaseRun, oracle_metrics
+    run = PhaseRun(progress)
     if metadata_dir is None:
         if artifact_root is None: raise PipelineError('run_phase1 needs artifact_root (metadata goes to <artifact_root>/metadata) or metadata_dir')
         metadata_dir = Path(artifact_root)/'metadata'
     metadata_dir = Path(metadata_dir)
-    timings = {}
-    t0 = time.perf_counter()
-    rd = run_data if run_data is not None else prepare_run_data(cfg, data_dir=data_dir, progress=progress)
-    timings['data'] = time.perf_counter() - t0
+    rd = run.data(cfg, run_data, data_dir)
     target = cfg['primary_target']
     if target not in rd.targets.columns:
         raise PipelineError(f'primary_target {target!r} is not among the targets ({", ".join(rd.targets.columns)})')
@@ -317,34 +333,16 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     if len(tr) == 0: raise PipelineError("The run's split has no training rows; Phase 1 needs some")
     oracle = oracle_metrics(rd, target)
     demean = demean_returns(cfg) and target.startswith('fwd_ret_')
-    say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
-        + (' (demeaned per timestamp)' if demean else ''))
-    t0 = time.perf_counter()
-    ft = fit_phase1(cfg, rd, tr)
-    timings['fit'] = time.perf_counter() - t0
-    timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
-    say(f'phase 1: {ft.selection_.message}')
-    say(f'phase 1: fit {timings["fit"]:.1f} s ({", ".join(f"{k} {v:.1f} s" for k, v in ft.timings_.items() if k != "total")})')
-
-    t0 = time.perf_counter()
-    out = ft.transform(rd.features)
-    labels = out['regime'].to_numpy()
-    z = out[[c for c in out.columns if c.startswith('vae_')]].to_numpy()[tr]
-    extra = {'active_dims': int((z.var(0) > 0.05).sum()), 'regimes': _regime_report(ft, rd, labels, tr),
-             'rows': {s: int(len(rd.rows(s))) for s in ('train', 'valid', 'test')}}
-    timings['transform'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    fc = normalise_feature_config(cfg.get('features'))
-    meta = {'config': cfg, 'config_hash': config_hash(cfg), 'feature_config': fc,
-            'feature_config_hash': feature_config_hash(cfg.get('features')), 'feature_library_version': FEATURE_LIBRARY_VERSION,
-            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'primary_target': target,
-            'run_name': run_name, 'n_train_rows': int(len(tr)), 'interval': str(rd.interval),
-            'universe': sorted(rd.bars['symbol'].astype(str).unique())}   # cross-sectional features depend on it
-    manifest = ft.save(metadata_dir, meta)
-    timings['save'] = time.perf_counter() - t0
-    seconds = time.perf_counter() - t_start
-    metrics = phase1_metrics(ft, extra, seconds, timings)
+    run.say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
+            + (' (demeaned per timestamp)' if demean else ''))
+    with run.step('fit'): ft = fit_phase1(cfg, rd, tr)
+    run.timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
+    run.say(f'phase 1: {ft.selection_.message}')
+    run.say(f'phase 1: fit {run.timings["fit"]:.1f} s ({", ".join(f"{k} {v:.1f} s" for k, v in ft.timings_.items() if k != "total")})')
+    with run.step('transform'): out, extra = _transform_all(ft, rd, tr)
+    with run.step('save'): manifest = ft.save(metadata_dir, _phase1_meta(cfg, rd, run_name, len(tr)))
+    seconds = run.seconds
+    metrics = phase1_metrics(ft, extra, seconds, run.timings)
     metrics['target'] = {'name': target, 'demeaned': demean}
     metrics['leakage']['threshold_setting'] = 'phase1.leakage.' + ('path_threshold' if is_path_target(target) else 'threshold')
     metrics['oracle_note'] = rd.oracle_note
@@ -356,8 +354,8 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
         reports_dir = Path(reports_dir)
         merge_json_atomic(reports_dir/'metrics.json', 'phase1', metrics)
         if oracle is not None: merge_json_atomic(reports_dir/'metrics.json', 'oracle', oracle)
-    say(f'phase 1: {ft.n_selected_} selected + {ft.latent_dim} latent + 1 regime = {len(out.columns)} features; '
-        f'artifacts in {metadata_dir}; {seconds:.1f} s')
+    run.say(f'phase 1: {ft.n_selected_} selected + {ft.latent_dim} latent + 1 regime = {len(out.columns)} features; '
+            f'artifacts in {metadata_dir}; {seconds:.1f} s')
     return Phase1Result(transformer=ft, data=rd, transformed=out, metrics=metrics, oracle=oracle,
                         metadata_dir=metadata_dir, reports_dir=reports_dir, manifest=manifest, seconds=seconds,
-                        timings=timings)
+                        timings=run.timings)

@@ -6,22 +6,22 @@
 from __future__ import annotations
 
 import io
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..core.artifacts import (ArtifactError, ArtifactWriter, atomic_write_bytes, dir_lock, json_safe,
-                                         load_joblib, load_json, merge_json_atomic, verify_manifest)
+                                         load_joblib, load_json, merge_json_atomic, read_manifest,
+                                         verify_manifest)
 from ..core.config import PipelineError, config_hash, load_settings
 from ..core.schema import check_section
 from ..models.registry import CORE_MODELS
 from ..evaluation.metrics import backtest, evaluate_splits, results_row
 from .verdict import compare, phase1_cost, verdict
-from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
+from .run_data import PhaseResult, PhaseRun, RunData, artifact_dirs, check_target
 from ..data.targets import PATH_TARGETS, demean_fallback_rows, demean_returns, max_horizon, target_horizon_bars
 from .training import Fits, fit_models, predict_all
 from .walk_forward import walk_forward
@@ -29,7 +29,7 @@ from .walk_forward import walk_forward
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'KEYS', 'VALID_ROLE', 'CORE_DIR', 'phase2_options', 'model_targets',
            'prediction_frame', 'merge_predictions', 'model_metrics', 'model_backtests', 'daily_ic', 'write_core_models',
-           'CoreModels', 'load_core_models', 'Phase2Result', 'run_phase2']
+           'CoreModels', 'verified_models_json', 'stale_core_models', 'load_core_models', 'Phase2Result', 'run_phase2']
 
 # %% ../../nbs/504_phases.phase2.ipynb #332c140c
 MODEL_NAMES = CORE_MODELS  # the registry's Phase 2 models, in report order
@@ -62,7 +62,7 @@ def model_targets(cfg: dict, opts: dict, available) -> tuple[list[str], list[str
     return targets, list(dict.fromkeys(heads))
 
 # %% ../../nbs/504_phases.phase2.ipynb #9aab6f6b
-from .phase1 import Phase1Missing, load_phase1  # shared with Phase 3
+from .phase1 import Phase1Missing, load_phase1, phase1_binding, phase1_lineage  # shared with Phase 3
 
 # %% ../../nbs/504_phases.phase2.ipynb #5a2f0c10
 def prediction_frame(rd: RunData, preds: dict, rows: np.ndarray, primary: str) -> pd.DataFrame:
@@ -181,7 +181,7 @@ def daily_ic(frame: pd.DataFrame, pred_col: str, target: str, split: str = 'test
     return pd.Series({k: (g[pred_col].corr(g[target]) if len(g) > 2 else np.nan) for k, g in d.groupby(day)},
                      name='ic', dtype=float).rename_axis('day')
 
-# %% ../../nbs/504_phases.phase2.ipynb #6cace021
+# %% ../../nbs/504_phases.phase2.ipynb #bdd55e55
 CORE_DIR = 'core_models'
 
 def write_core_models(out_dir, fits: Fits, meta: dict) -> dict:
@@ -205,6 +205,7 @@ def write_core_models(out_dir, fits: Fits, meta: dict) -> dict:
             'heads': fits.multitask.heads if fits.multitask is not None else None})
     return w.manifest
 
+# %% ../../nbs/504_phases.phase2.ipynb #6cace021
 @dataclass
 class CoreModels:
     "Phase 2's models loaded from verified artifacts; `predict` gives `<model>__<target>` columns."
@@ -217,13 +218,26 @@ class CoreModels:
         models = list(MODEL_NAMES) if F is not None else [m for m in MODEL_NAMES if m != 'baseline_all_features']
         return pd.DataFrame(predict_all(self.fits, X, F, models), index=X.index)
 
+def verified_models_json(out_dir, expect: dict | None, phase: int, hint: str) -> tuple[Path, dict, dict]:
+    """(folder, verified manifest, `models.json`) of Phase `phase`'s models in `out_dir`: every hash and `expect` (manifest
+    meta values) checked, nothing unpickled yet; Phases 2 and 3 load their models from these."""
+    d = Path(out_dir)
+    m = verify_manifest(d, expect, kind=f'phase{phase}', hint=hint)
+    if 'models.json' not in m['files']:
+        raise ArtifactError(f'{d}/manifest.json does not list models.json: the Phase {phase} artifacts are incomplete; {hint}')
+    return d, m, load_json(d, 'models.json', m)
+
+def stale_core_models(output_dir, ft, metadata_dir) -> str | None:
+    """Why Phase 2's models in `<output_dir>/core_models` were not trained on the Phase 1 transformer `ft` (loaded from
+    `metadata_dir`), or None when they were or there are none."""
+    d = Path(output_dir)/CORE_DIR
+    if not (d/'manifest.json').is_file(): return None
+    meta = read_manifest(d).get('meta') or {}
+    return phase1_binding(f'The Phase 2 models in {d}', meta.get('phase1_manifest_sha256'), ft.manifest_sha256_, metadata_dir)
+
 def load_core_models(out_dir, expect: dict | None = None) -> CoreModels:
     "Verify `out_dir` (manifest, hashes, `expect`: manifest meta values) and only then unpickle the models."
-    d = Path(out_dir)
-    m = verify_manifest(d, expect, kind=ARTIFACT_KIND, hint=REBUILD_HINT)
-    if 'models.json' not in m['files']:
-        raise ArtifactError(f'{d}/manifest.json does not list models.json: the Phase 2 artifacts are incomplete; {REBUILD_HINT}')
-    summary = load_json(d, 'models.json', m)
+    d, m, summary = verified_models_json(out_dir, expect, 2, REBUILD_HINT)
     fl, fits = summary['files'], Fits()
     for key, attr in (('lightgbm', 'lightgbm'), ('baseline_all_features', 'baseline'), ('ridge', 'ridge')):
         setattr(fits, attr, {t: load_joblib(d, name, m) for t, name in (fl.get(key) or {}).items()})
@@ -233,7 +247,7 @@ def load_core_models(out_dir, expect: dict | None = None) -> CoreModels:
 
 # %% ../../nbs/504_phases.phase2.ipynb #8133937c
 @dataclass
-class Phase2Result:
+class Phase2Result(PhaseResult):
     "What Phase 2 produced."
     data: RunData
     transformer: object               # Phase 1's FeatureTransformer
@@ -246,10 +260,6 @@ class Phase2Result:
     verdict: list
     opts: dict
     output_dir: Path
-    reports_dir: Path | None
-    manifest: dict
-    seconds: float
-    timings: dict = field(default_factory=dict)
     walk_forward: pd.DataFrame | None = None
 
     @property
@@ -267,94 +277,77 @@ class Phase2Result:
             rows[m] = r
         return pd.DataFrame(rows).T.astype(float)
 
+# %% ../../nbs/504_phases.phase2.ipynb #fdcda8a9
+def _evaluate(rd: RunData, frame: pd.DataFrame, fits: Fits, cfg: dict, opts: dict, model_list, lgbm_targets,
+              reports_dir, metadata_dir) -> tuple[dict, dict, dict, list]:
+    "(`phase2.models` metrics, {model: BacktestResult}, the verdict's checks, the verdict in words) of the scored `frame`."
+    primary = lgbm_targets[0]
+    models = model_metrics(frame, fits, model_list, lgbm_targets)
+    bts = model_backtests(rd, frame, primary, opts, int(cfg['targets']['path_horizon']))
+    checks = compare(frame, models, fits, primary, rd.oracle is not None, phase1_cost(reports_dir, metadata_dir))
+    return models, bts, checks, verdict(checks, models)
+
+def _fitted_fallback_rows(rd: RunData, opts: dict, lgbm_targets, heads) -> dict:
+    "`demean_fallback_rows` of the targets the models fit, on the rows they fit and early-stop on."
+    fitted = [c for c in rd.targets.columns if c in set(lgbm_targets) | set(heads)]
+    return demean_fallback_rows(rd.targets[fitted], rd.bars['timestamp'].to_numpy(),
+                                {s: rd.rows(s) for s in ('train', 'valid')}, opts['demean_returns'])
+
 # %% ../../nbs/504_phases.phase2.ipynb #c005a665
 def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None, metadata_dir=None, output_dir=None,
                run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase2Result:
     """Phase 2 for the run `cfg` describes. Reads Phase 1's artifacts from `metadata_dir` (default
     `<artifact_root>/metadata`), writes models to `<output_dir>/core_models` (default `<artifact_root>/output`),
     and, with `reports_dir`, merges `predictions.parquet` and the `phase2` key of `metrics.json` there."""
-    say = print if progress else (lambda *a, **k: None)
-    t_start, c_start = time.perf_counter(), time.process_time()
+    run = PhaseRun(progress)
     metadata_dir, output_dir = artifact_dirs(artifact_root, metadata_dir, output_dir, 'run_phase2')
     opts = phase2_options(cfg)
-    timings = {}
-
-    t0 = time.perf_counter()
-    rd = run_data if run_data is not None else prepare_run_data(cfg, data_dir=data_dir, progress=progress)
-    timings['data'] = time.perf_counter() - t0
+    rd = run.data(cfg, run_data, data_dir)
     lgbm_targets, heads = model_targets(cfg, opts, rd.targets.columns)
     primary = lgbm_targets[0]
     model_list = [m for m in MODEL_NAMES if m in opts['models']]
-
-    t0 = time.perf_counter()
-    ft = load_phase1(metadata_dir, cfg, 2, rd.fingerprint)
-    X = ft.transform(rd.features)
-    timings['phase1_transform'] = time.perf_counter() - t0
-    say(f'phase 2: {X.shape[1]} Phase 1 features ({ft.n_selected_} selected + {X.shape[1] - ft.n_selected_ - 1} latent + regime) '
-        f'vs {rd.features.shape[1]} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
-
-    t0 = time.perf_counter()
-    F = rd.features if 'baseline_all_features' in model_list else None
-    fits = fit_models(X, F, rd.targets, rd.split.to_numpy(), rd.bars['timestamp'].to_numpy(), opts, model_list,
-                      lgbm_targets, heads, progress)
-    timings['fit'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
-    preds = predict_all(fits, X.iloc[scored], None if F is None else F.iloc[scored], model_list,
-                        split=rd.split.to_numpy()[scored], timestamps=rd.bars['timestamp'].to_numpy()[scored])
-    frame = prediction_frame(rd, preds, scored, primary)
-    timings['predict'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    models = model_metrics(frame, fits, model_list, lgbm_targets)
-    bts = model_backtests(rd, frame, primary, opts, int(cfg['targets']['path_horizon']))
-    checks = compare(frame, models, fits, primary, rd.oracle is not None, phase1_cost(reports_dir, metadata_dir))
-    words = verdict(checks, models)
-    timings['evaluate'] = time.perf_counter() - t0
-
+    with run.step('phase1_transform'):
+        ft = load_phase1(metadata_dir, cfg, 2, rd.fingerprint)
+        X = ft.transform(rd.features)
+    run.say(f'phase 2: {X.shape[1]} Phase 1 features ({ft.n_selected_} selected + {X.shape[1] - ft.n_selected_ - 1} latent + regime) '
+            f'vs {rd.features.shape[1]} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
+    with run.step('fit'):
+        F = rd.features if 'baseline_all_features' in model_list else None
+        fits = fit_models(X, F, rd.targets, rd.split.to_numpy(), rd.bars['timestamp'].to_numpy(), opts, model_list,
+                          lgbm_targets, heads, progress)
+    with run.step('predict'):
+        scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
+        preds = predict_all(fits, X.iloc[scored], None if F is None else F.iloc[scored], model_list,
+                            split=rd.split.to_numpy()[scored], timestamps=rd.bars['timestamp'].to_numpy()[scored])
+        frame = prediction_frame(rd, preds, scored, primary)
+    with run.step('evaluate'):
+        models, bts, checks, words = _evaluate(rd, frame, fits, cfg, opts, model_list, lgbm_targets, reports_dir, metadata_dir)
     wf_table, wf = None, None
     if opts['walk_forward']:
-        t0 = time.perf_counter()
-        wf_table, wf = walk_forward(rd, cfg, opts, model_list, heads, opts['purge_bars'], progress)
-        timings['walk_forward'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    pm = ft.manifest_.get('meta', {}) if getattr(ft, 'manifest_', None) else {}
+        with run.step('walk_forward'): wf_table, wf = walk_forward(rd, cfg, opts, model_list, heads, opts['purge_bars'], progress)
     clean = dict(opts)
-    meta = {'phase': 2, 'config_hash': config_hash(cfg), 'phase2_config': clean, 'primary_target': primary,
-            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name,
-            'phase1_features_hash': pm.get('features_hash'), 'phase1_output_columns_hash': pm.get('output_columns_hash'),
-            'phase1_config_hash': pm.get('config_hash'), 'phase1_manifest_sha256': getattr(ft, 'manifest_sha256_', None),
-            'input_columns': list(X.columns), 'targets': lgbm_targets,
-            'heads': heads, 'models': model_list}
     core_dir = output_dir/CORE_DIR
-    manifest = write_core_models(core_dir, fits, meta)
-    timings['save'] = time.perf_counter() - t0
-
-    seconds = time.perf_counter() - t_start
+    with run.step('save'):
+        manifest = write_core_models(core_dir, fits, {
+            'phase': 2, 'config_hash': config_hash(cfg), 'phase2_config': clean, 'primary_target': primary,
+            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name, **phase1_lineage(ft),
+            'input_columns': list(X.columns), 'targets': lgbm_targets, 'heads': heads, 'models': model_list})
+    seconds = run.seconds
     metrics = {'models': models, 'backtest': {k: v.stats for k, v in bts.items()}, 'checks': checks, 'verdict': words,
-               'seconds': round(seconds, 2), 'cpu_seconds': round(time.process_time() - c_start, 2),
-               'timings': {k: round(v, 2) for k, v in timings.items()}, 'n_features': int(X.shape[1]),
-               'n_raw_features': int(rd.features.shape[1]), 'targets': lgbm_targets, 'heads': heads,
-               'settings': clean, 'output_dir': str(core_dir), 'metadata_dir': str(metadata_dir)}
+               'seconds': round(seconds, 2), 'cpu_seconds': round(run.cpu_seconds, 2), 'timings': run.rounded_timings(),
+               'n_features': int(X.shape[1]), 'n_raw_features': int(rd.features.shape[1]), 'targets': lgbm_targets,
+               'heads': heads, 'settings': clean, 'output_dir': str(core_dir), 'metadata_dir': str(metadata_dir)}
     if wf is not None: metrics['walk_forward'] = wf
-    fitted = [c for c in rd.targets.columns if c in set(lgbm_targets) | set(heads)]
-    metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[fitted], rd.bars['timestamp'].to_numpy(),
-                                                           {s: rd.rows(s) for s in ('train', 'valid')}, opts['demean_returns'])
+    metrics['demean_fallback_rows'] = _fitted_fallback_rows(rd, opts, lgbm_targets, heads)
     metrics['oracle_note'] = rd.oracle_note
     metrics = json_safe(metrics)
     if reports_dir is not None:
         reports_dir = Path(reports_dir)
-        t0 = time.perf_counter()
-        merge_predictions(reports_dir/'predictions.parquet', frame)
-        timings['write_predictions'] = time.perf_counter() - t0
-        seconds = time.perf_counter() - t_start
-        metrics['seconds'] = round(seconds, 2)
-        metrics['cpu_seconds'] = round(time.process_time() - c_start, 2)
-        metrics['timings'] = {k: round(v, 2) for k, v in timings.items()}
+        with run.step('write_predictions'): merge_predictions(reports_dir/'predictions.parquet', frame)
+        seconds = run.seconds
+        metrics.update(seconds=round(seconds, 2), cpu_seconds=round(run.cpu_seconds, 2), timings=run.rounded_timings())
         merge_json_atomic(reports_dir/'metrics.json', 'phase2', metrics)
-    say(f'phase 2: {seconds:.1f} s wall, {metrics["cpu_seconds"]:.1f} s CPU; models in {core_dir}')
+    run.say(f'phase 2: {seconds:.1f} s wall, {metrics["cpu_seconds"]:.1f} s CPU; models in {core_dir}')
     return Phase2Result(data=rd, transformer=ft, X=X, fits=fits, predictions=frame, metrics=metrics, backtests=bts,
                         checks=checks, verdict=words, opts=clean, output_dir=core_dir, reports_dir=reports_dir,
-                        manifest=manifest, seconds=seconds, timings=timings, walk_forward=wf_table)
+                        manifest=manifest, seconds=seconds, timings=run.timings, walk_forward=wf_table)

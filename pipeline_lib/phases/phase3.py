@@ -14,16 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
-from ..core.artifacts import (ArtifactError, ArtifactWriter, json_safe, load_json, load_torch_state,
-                                         merge_json_atomic, read_json, read_manifest, verify_manifest)
+from ..core.artifacts import ArtifactWriter, json_safe, load_torch_state, merge_json_atomic, read_json
 from ..evaluation.metrics import SPLITS, evaluate, evaluate_splits, results_row
-from .run_data import RunData, artifact_dirs, check_target, prepare_run_data
+from .run_data import PhaseResult, PhaseRun, RunData, artifact_dirs, check_target
 from ..data.targets import demean_returns, fitting_targets
 from ..core.schema import check_section
 from ..models.registry import SEQUENCE_MODELS
-from ..models.sequence import (TRAIN_DEFAULTS, SequenceFit, fit_record, fit_sequence_model, model_from_state,
+from ..models.sequence import (TRAIN_DEFAULTS, fit_record, fit_sequence_model, model_from_state,
                                           predict_windows, train_settings, window_ends, window_mask)
 from ..models.sequence_nets import model_config
 
@@ -73,7 +71,7 @@ def model_options(name: str, opts: dict) -> dict:
     return mc
 
 # %% ../../nbs/505_phases.phase3.ipynb #f1d25ec2
-from .phase1 import check_phase1, load_phase1  # shared with Phase 2
+from .phase1 import check_phase1, load_phase1, phase1_lineage  # shared with Phase 2
 
 def transform_array(ft, features: pd.DataFrame, chunk_rows: int = 16384) -> np.ndarray:
     "`ft.transform(features)` as one C-contiguous float32 array, filled chunk by chunk (no full-size intermediate copy)."
@@ -228,11 +226,8 @@ class SequenceModels:
 
 def load_sequence_models(out_dir, expect: dict | None = None) -> SequenceModels:
     "Verify `out_dir` (manifest, every hash, `expect`: manifest meta values), then load each state dict with weights_only=True."
-    d = Path(out_dir)
-    m = verify_manifest(d, expect, kind=ARTIFACT_KIND, hint=REBUILD_HINT)
-    if 'models.json' not in m['files']:
-        raise ArtifactError(f'{d}/manifest.json does not list models.json: the Phase 3 artifacts are incomplete; {REBUILD_HINT}')
-    summary = load_json(d, 'models.json', m)
+    from pipeline_lib.phases.phase2 import verified_models_json
+    d, m, summary = verified_models_json(out_dir, expect, 3, REBUILD_HINT)
     models = {name: model_from_state(rec, load_torch_state(d, rec['file'], m, weights_only=True))
               for name, rec in summary['models'].items()}
     return SequenceModels(models=models, records=summary['models'], input_columns=summary['input_columns'],
@@ -242,7 +237,7 @@ def load_sequence_models(out_dir, expect: dict | None = None) -> SequenceModels:
 
 # %% ../../nbs/505_phases.phase3.ipynb #eb89166e
 @dataclass
-class Phase3Result:
+class Phase3Result(PhaseResult):
     "What Phase 3 produced."
     data: RunData
     transformer: object               # Phase 1's FeatureTransformer
@@ -255,10 +250,6 @@ class Phase3Result:
     windows: pd.DataFrame             # per split: rows, rows with a full window, windows used for training
     opts: dict
     output_dir: Path
-    reports_dir: Path | None
-    manifest: dict
-    seconds: float
-    timings: dict = field(default_factory=dict)
 
     @property
     def primary(self) -> str: return self.metrics['primary_target']
@@ -273,50 +264,20 @@ class Phase3Result:
             rows[m] = r
         return pd.DataFrame(rows).T
 
-def _stale_phase2(output_dir, ft, metadata_dir) -> str | None:
-    "Why Phase 2's models next to this phase's (`<output_dir>/core_models`) cannot be compared with it, or None."
-    from pipeline_lib.phases.phase1 import phase1_binding
-    from pipeline_lib.phases.phase2 import CORE_DIR
-    d = Path(output_dir)/CORE_DIR
-    if not (d/'manifest.json').is_file(): return None
-    meta = read_manifest(d).get('meta') or {}
-    why = phase1_binding(f'The Phase 2 models in {d}', meta.get('phase1_manifest_sha256'), ft.manifest_sha256_, metadata_dir)
-    return (f'{why}: Phase 1 was re-run after Phase 2, so Phase 2\'s predictions come from other features and are '
-            'left out of this comparison; re-run Phase 2 (python run_notebooks.py --phases 2) to compare them') if why else None
-
 # %% ../../nbs/505_phases.phase3.ipynb #c589e5a8
-def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None, output_dir=None,
-               run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase3Result:
-    """Phase 3 for the run `cfg` describes. Reads Phase 1's artifacts from `metadata_dir` (default
-    `<artifact_root>/metadata`), writes models to `<output_dir>/sequential_models` (default `<artifact_root>/output`),
-    and, with `reports_dir`, merges `predictions.parquet` and the `phase3` key of `metrics.json` there."""
-    from pipeline_lib.phases.phase2 import MODEL_NAMES as P2_MODEL_NAMES, merge_predictions, prediction_frame
-    say = print if progress else (lambda *a, **k: None)
-    t_start, c_start = time.perf_counter(), time.process_time()
-    metadata_dir, output_dir = artifact_dirs(artifact_root, metadata_dir, output_dir, 'run_phase3')
-    opts = phase3_options(cfg)
-    mcfgs = {name: model_options(name, opts) for name in opts['models']}   # config errors before any work
-    check_phase1(metadata_dir, cfg, 3)                                                   # and a missing Phase 1
-    timings = {}
-
-    t0 = time.perf_counter()
-    rd = run_data if run_data is not None else prepare_run_data(cfg, data_dir=data_dir, progress=progress)
-    primary = check_target(cfg['primary_target'], rd.targets.columns)
-    timings['data'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    ft = load_phase1(metadata_dir, cfg, 3, rd.fingerprint)
-    X = transform_array(ft, rd.features)
-    cols = list(ft.get_feature_names_out())
-    timings['phase1_transform'] = time.perf_counter() - t0
-
-    L = int(opts['lookback'])
-    y = rd.targets[primary].to_numpy(dtype=np.float64)
+def _fitting_target(rd: RunData, cfg: dict, primary: str) -> tuple[np.ndarray, bool]:
+    """(the target the models train and early-stop on: the primary target on the train and valid rows, demeaned like
+    Phase 2's, NaN elsewhere; whether it is demeaned). Predictions are scored on the raw target."""
     demean = demean_returns(cfg) and primary.startswith('fwd_ret_')
-    y_fit = np.full(len(y), np.nan)                        # trained and early-stopped on; scored on the raw y
+    y_fit = np.full(len(rd.targets), np.nan)
     for s in ('train', 'valid'):
         r = rd.rows(s)
         y_fit[r] = fitting_targets(rd.targets[[primary]].iloc[r], rd.bars['timestamp'].iloc[r], demean)[primary]
+    return y_fit, demean
+
+def _windows(rd: RunData, y: np.ndarray, L: int, opts: dict) -> tuple[dict, np.ndarray, np.ndarray, pd.DataFrame]:
+    """(each split's window ends with a finite target `y`, the rows of predictions.parquet, the rows predicted, the
+    per-split counts of `Phase3Result.windows`)."""
     sym, lab = rd.bars['symbol'].to_numpy(), rd.split.to_numpy().astype(str)
     ok = window_mask(sym, L, lab)
     ends = window_ends(sym, L, lab, y)
@@ -325,77 +286,100 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
                             'rows without one': int(((~ok) & (lab == s)).sum()),
                             'finite target + window (training/eval windows)': int(len(ends[s])),
                             'rows predicted': int((lab[pred_rows] == s).sum())} for s in SPLITS}).T
-    say(f'phase 3: {X.shape[1]} Phase 1 features, lookback {L}; windows train {len(ends["train"]):,}, valid '
-        f'{len(ends["valid"]):,}, test {len(ends["test"]):,}; models {list(mcfgs)}')
+    return ends, rows, pred_rows, win
 
+def _fit_and_predict(run: PhaseRun, mcfgs: dict, X: np.ndarray, y_fit: np.ndarray, ends: dict, L: int, rows, pred_rows,
+                     primary: str) -> tuple[dict, dict, dict]:
+    "Train each model, then predict `pred_rows`: ({name: SequenceFit}, {`<name>__<primary>`: predictions on `rows`}, {name: predict seconds})."
     fits, preds, pred_sec = {}, {}, {}
-    t0 = time.perf_counter()
     for name, mc in mcfgs.items():
-        f = fit_sequence_model(name, X, y_fit, ends['train'], ends['valid'], L, arch=mc['arch'], train=mc['train'], progress=progress)
+        f = fit_sequence_model(name, X, y_fit, ends['train'], ends['valid'], L, arch=mc['arch'], train=mc['train'], progress=run.progress)
         tp = time.perf_counter()
-        p = np.full(len(rd.bars), np.nan)
+        p = np.full(len(X), np.nan)
         p[pred_rows] = f.predict(X, pred_rows)
         pred_sec[name] = time.perf_counter() - tp
         fits[name], preds[f'{name}__{primary}'] = f, p[rows]
         cap = f.capped
-        say(f'phase 3: {name}: {f.epochs_run} epochs ({f.stop_reason}), best {f.best_epoch}, {f.seconds:.1f} s training '
-            f'({f.cpu_seconds:.1f} s CPU, '
-            f'{f.windows_per_second:,.0f} windows/s on {f.device}, {f.num_threads} threads), {pred_sec[name]:.1f} s predicting'
-            + (f'; capped by {", ".join(cap["by"])}' if cap['active'] else ''))
-    timings['fit_predict'] = time.perf_counter() - t0
+        run.say(f'phase 3: {name}: {f.epochs_run} epochs ({f.stop_reason}), best {f.best_epoch}, {f.seconds:.1f} s training '
+                f'({f.cpu_seconds:.1f} s CPU, '
+                f'{f.windows_per_second:,.0f} windows/s on {f.device}, {f.num_threads} threads), {pred_sec[name]:.1f} s predicting'
+                + (f'; capped by {", ".join(cap["by"])}' if cap['active'] else ''))
+    return fits, preds, pred_sec
 
-    t0 = time.perf_counter()
-    frame = prediction_frame(rd, preds, rows, primary)
-    models = model_metrics(frame, fits, primary, pred_sec, {
-        'max_train_predictions': opts['max_train_predictions'], 'train_rows_with_window': int((ok & (lab == 'train')).sum()),
-        'train_rows_scored': int((lab[pred_rows] == 'train').sum())})
-    timings['evaluate'] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    pm = ft.manifest_.get('meta', {}) if getattr(ft, 'manifest_', None) else {}
-    meta = {'phase': 3, 'config_hash': config_hash(cfg), 'primary_target': primary, 'lookback': L,
-            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name,
-            'phase1_features_hash': pm.get('features_hash'), 'phase1_output_columns_hash': pm.get('output_columns_hash'),
-            'phase1_config_hash': pm.get('config_hash'), 'phase1_manifest_sha256': getattr(ft, 'manifest_sha256_', None),
-            'predict_precision': {n: f.train['predict_precision'] for n, f in fits.items()},   # scoring = serving
-            'input_columns': cols, 'models': list(fits),
-            'model_configs': {n: {'arch': mc['arch'], 'train': mc['train'], 'file': mc['file']} for n, mc in mcfgs.items()},
-            'phase3_config': {k: v for k, v in opts.items() if k != 'models'}}
-    seq_dir = output_dir/SEQ_DIR
-    manifest = write_sequence_models(seq_dir, fits, meta, cols, primary)
-    timings['save'] = time.perf_counter() - t0
-
-    P = frame
-    p2_metrics = None
+# %% ../../nbs/505_phases.phase3.ipynb #1c6d63de
+def _compare(run: PhaseRun, frame: pd.DataFrame, owned: list, primary: str, fits: dict, ft, reports_dir, output_dir,
+             metadata_dir) -> tuple[pd.DataFrame, dict]:
+    """`compare_with_phase2` on the merged predictions.parquet (written to `reports_dir` when given), without Phase 2's
+    models when they were trained on another Phase 1 (with a warning)."""
+    from pipeline_lib.phases.phase2 import MODEL_NAMES as P2_MODEL_NAMES, merge_predictions, stale_core_models
+    P, p2_metrics = frame, None
     if reports_dir is not None:
-        reports_dir = Path(reports_dir)
-        t0 = time.perf_counter()
-        P = merge_predictions(reports_dir/'predictions.parquet', frame, owned=list(preds))
-        mj = reports_dir/'metrics.json'
-        if mj.exists(): p2_metrics = read_json(mj).get('phase2')
-        timings['write_predictions'] = time.perf_counter() - t0
-    stale = _stale_phase2(output_dir, ft, metadata_dir)
+        with run.step('write_predictions'):
+            P = merge_predictions(reports_dir/'predictions.parquet', frame, owned=owned)
+            if (reports_dir/'metrics.json').exists(): p2_metrics = read_json(reports_dir/'metrics.json').get('phase2')
+    why = stale_core_models(output_dir, ft, metadata_dir)
+    stale = (f'{why}: Phase 1 was re-run after Phase 2, so Phase 2\'s predictions come from other features and are '
+             'left out of this comparison; re-run Phase 2 (python run_notebooks.py --phases 2) to compare them') if why else None
     if stale:   # Phase 2's models were trained on another Phase 1: not the same features, so not a fair comparison
-        warnings.warn(stale, stacklevel=2)
+        warnings.warn(stale, stacklevel=3)
         P, p2_metrics = P.drop(columns=[c for c in P.columns if c.split('__')[0] in P2_MODEL_NAMES]), None
     table, comp = compare_with_phase2(P, primary, list(fits), p2_metrics)
     if stale: comp['phase2_stale'], comp['message'] = stale, stale
-    seconds = time.perf_counter() - t_start
+    return table, comp
+
+# %% ../../nbs/505_phases.phase3.ipynb #dfdc1bed
+def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=None, reports_dir=None, output_dir=None,
+               run_name: str | None = None, run_data: RunData | None = None, progress: bool = True) -> Phase3Result:
+    """Phase 3 for the run `cfg` describes, with the folders of `run_phase2`: its models go to
+    `<output_dir>/sequential_models`; its predictions and the `phase3` key of `metrics.json` to `reports_dir`."""
+    from pipeline_lib.phases.phase2 import prediction_frame
+    run = PhaseRun(progress)
+    metadata_dir, output_dir = artifact_dirs(artifact_root, metadata_dir, output_dir, 'run_phase3')
+    opts = phase3_options(cfg)
+    mcfgs = {name: model_options(name, opts) for name in opts['models']}   # config errors before any work
+    check_phase1(metadata_dir, cfg, 3)                                                   # and a missing Phase 1
+    rd = run.data(cfg, run_data, data_dir)
+    primary = check_target(cfg['primary_target'], rd.targets.columns)
+    with run.step('phase1_transform'):
+        ft = load_phase1(metadata_dir, cfg, 3, rd.fingerprint)
+        X, cols = transform_array(ft, rd.features), list(ft.get_feature_names_out())
+    L = int(opts['lookback'])
+    y_fit, demean = _fitting_target(rd, cfg, primary)
+    ends, rows, pred_rows, win = _windows(rd, rd.targets[primary].to_numpy(dtype=np.float64), L, opts)
+    run.say(f'phase 3: {X.shape[1]} Phase 1 features, lookback {L}; windows train {len(ends["train"]):,}, valid '
+            f'{len(ends["valid"]):,}, test {len(ends["test"]):,}; models {list(mcfgs)}')
+    with run.step('fit_predict'): fits, preds, pred_sec = _fit_and_predict(run, mcfgs, X, y_fit, ends, L, rows, pred_rows, primary)
+    with run.step('evaluate'):
+        frame = prediction_frame(rd, preds, rows, primary)
+        models = model_metrics(frame, fits, primary, pred_sec, {
+            'max_train_predictions': opts['max_train_predictions'],
+            'train_rows_with_window': int(win.loc['train', 'rows with a full window']),
+            'train_rows_scored': int(win.loc['train', 'rows predicted'])})
+    seq_dir = output_dir/SEQ_DIR
+    with run.step('save'):
+        manifest = write_sequence_models(seq_dir, fits, {
+            'phase': 3, 'config_hash': config_hash(cfg), 'primary_target': primary, 'lookback': L,
+            'data_fingerprint': rd.fingerprint, 'data_source': rd.source, 'run_name': run_name, **phase1_lineage(ft),
+            'predict_precision': {n: f.train['predict_precision'] for n, f in fits.items()},   # scoring = serving
+            'input_columns': cols, 'models': list(fits),
+            'model_configs': {n: {'arch': mc['arch'], 'train': mc['train'], 'file': mc['file']} for n, mc in mcfgs.items()},
+            'phase3_config': {k: v for k, v in opts.items() if k != 'models'}}, cols, primary)
+    reports_dir = None if reports_dir is None else Path(reports_dir)
+    table, comp = _compare(run, frame, list(preds), primary, fits, ft, reports_dir, output_dir, metadata_dir)
+    seconds = run.seconds
     capped = {n: d['capped'] for n, d in models.items() if d['capped']['active']}
     metrics = json_safe({
         'models': models, 'primary_target': primary, 'target_demeaned': demean, 'lookback': L, 'n_features': int(X.shape[1]),
         'windows': {s: {k: int(v) for k, v in win.loc[s].items()} for s in SPLITS},
         'capped': bool(capped), 'caps': {k: opts[k] for k in ('max_epochs', 'patience', 'max_train_windows',
                                                                   'max_valid_windows', 'max_train_predictions', 'time_limit')},
-        'comparison': comp, 'seconds': round(seconds, 2), 'cpu_seconds': round(time.process_time() - c_start, 2),
-        'timings': {k: round(v, 2) for k, v in timings.items()},
-        'output_dir': str(seq_dir), 'metadata_dir': str(metadata_dir),
+        'comparison': comp, 'seconds': round(seconds, 2), 'cpu_seconds': round(run.cpu_seconds, 2),
+        'timings': run.rounded_timings(), 'output_dir': str(seq_dir), 'metadata_dir': str(metadata_dir),
         'settings': {k: v for k, v in opts.items() if k != 'models'},
         'model_configs': {n: {'arch': mc['arch'], 'train': mc['train']} for n, mc in mcfgs.items()}})
-    if reports_dir is not None:
-        merge_json_atomic(reports_dir/'metrics.json', 'phase3', metrics)
-    say(f'phase 3: {seconds:.1f} s; models in {seq_dir}' + ('; CAPPED: ' + '; '.join(f'{n} by {", ".join(c["by"])}'
-                                                                                     for n, c in capped.items()) if capped else ''))
+    if reports_dir is not None: merge_json_atomic(reports_dir/'metrics.json', 'phase3', metrics)
+    run.say(f'phase 3: {seconds:.1f} s; models in {seq_dir}' + ('; CAPPED: ' + '; '.join(f'{n} by {", ".join(c["by"])}'
+                                                                                         for n, c in capped.items()) if capped else ''))
     return Phase3Result(data=rd, transformer=ft, X=X, input_columns=cols, fits=fits, predictions=frame, metrics=metrics,
                         comparison=table, windows=win, opts=opts, output_dir=seq_dir, reports_dir=reports_dir,
-                        manifest=manifest, seconds=seconds, timings=timings)
+                        manifest=manifest, seconds=seconds, timings=run.timings)

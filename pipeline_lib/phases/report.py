@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,13 +47,22 @@ class Report:
 def run_report(run_phase, config_path, overrides=None, *, run_name: str, **paths) -> Report:
     """Load the run's config, resolve `paths` (`run_paths`' keywords), say what runs where, and run `run_phase`
     (`run_phase1`, `run_phase2` or `run_phase3`) on it with the paths it accepts."""
-    from IPython.display import Markdown, display
+    from IPython.display import Markdown, clear_output, display
     started = time.perf_counter()
     cfg = load_config(config_path, overrides)
     p = run_paths(run_name, **paths)
     accepted = {k: v for k, v in p.items() if k in inspect.signature(run_phase).parameters}
     where = {'metadata_dir': 'Phase 1 artifacts', 'output_dir': 'models under', 'reports_dir': 'reports in'}
     data = 'the embedded synthetic market' if p['data_dir'] is None else f"`{p['data_dir']}`"
-    display(Markdown(f'Run **{run_name}**: config `{config_path}`, primary target `{cfg["primary_target"]}`, data {data}; '
-                     + ', '.join(f'{w} `{accepted[k]}`' for k, w in where.items() if k in accepted) + '.'))
-    return Report(cfg, p, run_phase(cfg, run_name=run_name, **accepted), started)
+    intro = Markdown(f'Run **{run_name}**: config `{config_path}`, primary target `{cfg["primary_target"]}`, data {data}; '
+                     + ', '.join(f'{w} `{accepted[k]}`' for k, w in where.items() if k in accepted) + '.')
+    display(intro)
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            result = run_phase(cfg, run_name=run_name, **accepted)
+        clear_output()   # the progress lines and bars: shown live, kept by the driver's log, not by the report
+        display(intro)
+    finally:
+        for w in caught: warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return Report(cfg, p, result, started)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from ..data.targets import build_targets, fwd_ret_name, max_horizon
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RunData', 'check_target', 'oracle_for', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'oracle_metrics']
+__all__ = ['log', 'RunData', 'check_target', 'oracle_for', 'reduce_bars', 'prepare_run_data', 'artifact_dirs', 'PhaseRun',
+           'PhaseResult', 'oracle_metrics']
 
 # %% ../../nbs/501_phases.run_data.ipynb #f356f394
 @dataclass
@@ -169,6 +171,47 @@ def artifact_dirs(artifact_root=None, metadata_dir=None, output_dir=None, who: s
         raise PipelineError(f'{who} needs artifact_root (or both metadata_dir and output_dir)')
     return (Path(metadata_dir) if metadata_dir is not None else Path(artifact_root)/'metadata',
             Path(output_dir) if output_dir is not None else Path(artifact_root)/'output')
+
+# %% ../../nbs/501_phases.run_data.ipynb #a65bd2d4
+class PhaseRun:
+    "A phase run's progress lines (printed when `progress`), its wall and CPU clocks and the seconds of each named step."
+    def __init__(self, progress: bool = True):
+        self.progress, self.timings = progress, {}
+        self.start, self.cpu_start = time.perf_counter(), time.process_time()
+
+    def say(self, line: str):
+        "Print a progress line when the run shows progress."
+        if self.progress: print(line)
+
+    @contextmanager
+    def step(self, name: str):
+        "Time the `with` block as step `name` of `timings` (a step that raises is not recorded)."
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - t0
+
+    @property
+    def seconds(self) -> float: return time.perf_counter() - self.start
+
+    @property
+    def cpu_seconds(self) -> float: return time.process_time() - self.cpu_start
+
+    def rounded_timings(self) -> dict:
+        "`timings` in seconds to two decimals, as metrics.json records them."
+        return {k: round(v, 2) for k, v in self.timings.items()}
+
+    def data(self, cfg: dict, run_data: RunData | None = None, data_dir=None) -> RunData:
+        "`run_data` when given, else the run's data prepared afresh; timed as step `data`."
+        with self.step('data'):
+            return run_data if run_data is not None else prepare_run_data(cfg, data_dir=data_dir, progress=self.progress)
+
+@dataclass(kw_only=True)
+class PhaseResult:
+    "What every phase's result records besides its own outputs: its reports folder (None without one), manifest and time."
+    reports_dir: Path | None
+    manifest: dict
+    seconds: float
+    timings: dict = field(default_factory=dict)
 
 # %% ../../nbs/501_phases.run_data.ipynb #771a362b
 def oracle_metrics(rd: RunData, target: str | None = None) -> dict | None:
