@@ -3,6 +3,7 @@ split, exactly Phase 2's test rows, the output contracts, and refusal of missing
 Phase 1 is fitted once for the module into a temporary artifact root."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -16,8 +17,8 @@ from pipeline_lib.core.config import PipelineError, load_config
 from pipeline_lib.evaluation.metrics import METRIC_KEYS
 from pipeline_lib.phases.phase1 import run_phase1
 from pipeline_lib.phases.phase2 import prediction_frame
-from pipeline_lib.phases.phase3 import (MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_options, run_phase3,
-                                 transform_array)
+from pipeline_lib.phases.phase3 import MODEL_NAMES, compare_with_phase2, load_sequence_models, phase3_options, run_phase3
+from pipeline_lib.phases.streaming import transform_rows
 from pipeline_lib.core.config import DependencyError
 
 T = 'fwd_ret_5m'
@@ -70,7 +71,8 @@ def test_windows_stay_in_their_symbol_and_split_and_end_at_their_row(run):
     # the features are Phase 1's transform of every row (chunked transform == one call)
     some = np.flatnonzero(lab == 'test')[:50]
     assert np.array_equal(res.X[some], res.transformer.transform(rd.features.iloc[some]).to_numpy(np.float32))
-    assert np.array_equal(transform_array(res.transformer, rd.features.iloc[:300], chunk_rows=64),
+    in_memory = dataclasses.replace(rd, store=None, frame=rd.features)   # chunks of 64 rows instead of partitions
+    assert np.array_equal(transform_rows(res.transformer, in_memory, np.arange(300), chunk_rows=64),
                           res.transformer.transform(rd.features.iloc[:300]).to_numpy(np.float32))
 
 

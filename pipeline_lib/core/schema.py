@@ -59,10 +59,11 @@ RANGES = [
     ('*seed', 0, None, True, None, 'at least 0'),
     ('compute.processes', 1, None, True, None, 'at least 1 (null: one per core)'),
     ('compute.partition_rows', 1, None, True, None, 'at least 1 row'),
+    ('phase1.max_rows', 1, None, True, None, 'at least 1 row (null: every training row)'),
 ]
 # Sections whose keys are another library's parameters (LightGBM's): any key below them is accepted.
 OPEN_SECTIONS = ('phase1.importance.lgbm_params',)
-NULLABLE = ('compute.processes', '*threshold', '*max_corr', '*_limit', '*timeout*', 'phase*.max_*_windows', 'phase*.max_*_predictions')
+NULLABLE = ('compute.processes', 'phase1.max_rows', '*threshold', '*max_corr', '*_limit', '*timeout*', 'phase*.max_*_windows', 'phase*.max_*_predictions')
 
 # %% ../../nbs/002_core.schema.ipynb #77744cca
 def all_keys(d: dict, prefix: str = '') -> list[str]:

@@ -23,6 +23,7 @@ from ..features import FEATURE_LIBRARY_VERSION, normalise_feature_config
 from ..models.regimes import regime_names, regime_stats, transition_matrix
 from ..models.selection import selection_params
 from ..data.targets import PATH_TARGETS, demean_fallback_rows, demean_returns, fitting_targets, target_horizon_bars
+from .streaming import sample_note, sample_training_rows, transformed_frame
 from .transformer import FeatureTransformer
 
 # %% auto #0
@@ -295,7 +296,7 @@ def fit_phase1(cfg: dict, rd, rows, screen: bool = True) -> FeatureTransformer:
     params = transformer_params(cfg, rd.interval)
     if not screen: params['leakage_threshold'] = None
     use_oracle = screen and rd.oracle is not None and rd.oracle_target == target
-    return FeatureTransformer(**params).fit(rd.features.iloc[rows], y, timestamps=ts, symbols=sym,
+    return FeatureTransformer(**params).fit(rd.read_features(rows=rows), y, timestamps=ts, symbols=sym,
                                             oracle=rd.oracle['oracle'].iloc[rows] if use_oracle else None)
 
 # %% ../../nbs/503_phases.phase1.ipynb #f692fd9f
@@ -309,7 +310,7 @@ def _phase1_meta(cfg: dict, rd, run_name: str | None, n_train: int) -> dict:
 
 def _transform_all(ft: FeatureTransformer, rd, tr: np.ndarray) -> tuple[pd.DataFrame, dict]:
     "(every row transformed, what `phase1_metrics` reports of it: active latent dimensions and regimes on the training rows `tr`, rows per split)."
-    out = ft.transform(rd.features)
+    out = transformed_frame(ft, rd)   # a store partition at a time
     z = out[[c for c in out.columns if c.startswith('vae_')]].to_numpy()[tr]
     return out, {'active_dims': int((z.var(0) > 0.05).sum()), 'regimes': _regime_report(ft, rd, out['regime'].to_numpy(), tr),
                  'rows': {s: int(len(rd.rows(s))) for s in ('train', 'valid', 'test')}}
@@ -333,9 +334,10 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     if len(tr) == 0: raise PipelineError("The run's split has no training rows; Phase 1 needs some")
     oracle = oracle_metrics(rd, target)
     demean = demean_returns(cfg) and target.startswith('fwd_ret_')
-    run.say(f'phase 1: fitting on {len(tr):,} training rows x {rd.features.shape[1]} features, target {target}'
-            + (' (demeaned per timestamp)' if demean else ''))
-    with run.step('fit'): ft = fit_phase1(cfg, rd, tr)
+    fit_rows, sample = sample_training_rows(rd.bars, tr, phase1_options(cfg)['max_rows'], transformer_params(cfg)['seed'])
+    run.say(f'phase 1: fitting on {len(fit_rows):,} training rows x {len(rd.feature_columns)} features, target {target}'
+            + (' (demeaned per timestamp)' if demean else '') + (f'; a sample: {sample_note(sample)}' if sample['sampled'] else ''))
+    with run.step('fit'): ft = fit_phase1(cfg, rd, fit_rows)
     run.timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
     run.say(f'phase 1: {ft.selection_.message}')
     run.say(f'phase 1: fit {run.timings["fit"]:.1f} s ({", ".join(f"{k} {v:.1f} s" for k, v in ft.timings_.items() if k != "total")})')
@@ -344,6 +346,7 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     seconds = run.seconds
     metrics = phase1_metrics(ft, extra, seconds, run.timings)
     metrics['target'] = {'name': target, 'demeaned': demean}
+    metrics['fit_sample'] = sample   # the training rows the selection, scaler, VAE and GMM were fitted on
     metrics['leakage']['threshold_setting'] = 'phase1.leakage.' + ('path_threshold' if is_path_target(target) else 'threshold')
     metrics['oracle_note'] = rd.oracle_note
     metrics['demean_fallback_rows'] = demean_fallback_rows(rd.targets[[target]], rd.bars['timestamp'].to_numpy(), {'train': tr}, demean)

@@ -24,6 +24,7 @@ from .verdict import compare, phase1_cost, verdict
 from .run_data import PhaseResult, PhaseRun, RunData, artifact_dirs, check_target
 from ..data.targets import PATH_TARGETS, demean_fallback_rows, demean_returns, max_horizon, target_horizon_bars
 from .training import Fits, fit_models, predict_all
+from .streaming import transformed_frame
 from .walk_forward import walk_forward
 
 # %% auto #0
@@ -308,9 +309,9 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     model_list = [m for m in MODEL_NAMES if m in opts['models']]
     with run.step('phase1_transform'):
         ft = load_phase1(metadata_dir, cfg, 2, rd.fingerprint)
-        X = ft.transform(rd.features)
+        X = transformed_frame(ft, rd)   # a store partition at a time
     run.say(f'phase 2: {X.shape[1]} Phase 1 features ({ft.n_selected_} selected + {X.shape[1] - ft.n_selected_ - 1} latent + regime) '
-            f'vs {rd.features.shape[1]} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
+            f'vs {len(rd.feature_columns)} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
     with run.step('fit'):
         F = rd.features if 'baseline_all_features' in model_list else None
         fits = fit_models(X, F, rd.targets, rd.split.to_numpy(), rd.bars['timestamp'].to_numpy(), opts, model_list,
@@ -335,7 +336,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     seconds = run.seconds
     metrics = {'models': models, 'backtest': {k: v.stats for k, v in bts.items()}, 'checks': checks, 'verdict': words,
                'seconds': round(seconds, 2), 'cpu_seconds': round(run.cpu_seconds, 2), 'timings': run.rounded_timings(),
-               'n_features': int(X.shape[1]), 'n_raw_features': int(rd.features.shape[1]), 'targets': lgbm_targets,
+               'n_features': int(X.shape[1]), 'n_raw_features': len(rd.feature_columns), 'targets': lgbm_targets,
                'heads': heads, 'settings': clean, 'output_dir': str(core_dir), 'metadata_dir': str(metadata_dir)}
     if wf is not None: metrics['walk_forward'] = wf
     metrics['demean_fallback_rows'] = _fitted_fallback_rows(rd, opts, lgbm_targets, heads)

@@ -27,8 +27,8 @@ from ..models.sequence_nets import model_config
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'SEQ_DIR', 'REBUILD_HINT', 'TRAIN_KEYS', 'VALID_ROLE', 'phase3_options',
-           'model_options', 'transform_array', 'scored_rows', 'model_metrics', 'compare_with_phase2',
-           'write_sequence_models', 'SequenceModels', 'load_sequence_models', 'Phase3Result', 'run_phase3']
+           'model_options', 'scored_rows', 'model_metrics', 'compare_with_phase2', 'write_sequence_models',
+           'SequenceModels', 'load_sequence_models', 'Phase3Result', 'run_phase3']
 
 # %% ../../nbs/505_phases.phase3.ipynb #476ad9a5
 MODEL_NAMES = SEQUENCE_MODELS  # the registry's Phase 3 models (models.sequence_nets.MODELS builds each)
@@ -72,15 +72,8 @@ def model_options(name: str, opts: dict) -> dict:
 
 # %% ../../nbs/505_phases.phase3.ipynb #f1d25ec2
 from .phase1 import check_phase1, load_phase1, phase1_lineage  # shared with Phase 2
+from .streaming import transform_rows
 
-def transform_array(ft, features: pd.DataFrame, chunk_rows: int = 16384) -> np.ndarray:
-    "`ft.transform(features)` as one C-contiguous float32 array, filled chunk by chunk (no full-size intermediate copy)."
-    n, cols = len(features), list(ft.get_feature_names_out())
-    out = np.empty((n, len(cols)), dtype=np.float32)
-    for a in range(0, n, int(chunk_rows)):
-        b = min(n, a + int(chunk_rows))
-        out[a:b] = ft.transform(features.iloc[a:b]).to_numpy(dtype=np.float32)
-    return out
 
 # %% ../../nbs/505_phases.phase3.ipynb #41935100
 def scored_rows(rd: RunData, ends_ok: np.ndarray, opts: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +335,7 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     primary = check_target(cfg['primary_target'], rd.targets.columns)
     with run.step('phase1_transform'):
         ft = load_phase1(metadata_dir, cfg, 3, rd.fingerprint)
-        X, cols = transform_array(ft, rd.features), list(ft.get_feature_names_out())
+        X, cols = transform_rows(ft, rd), list(ft.get_feature_names_out())
     L = int(opts['lookback'])
     y_fit, demean = _fitting_target(rd, cfg, primary)
     ends, rows, pred_rows, win = _windows(rd, rd.targets[primary].to_numpy(dtype=np.float64), L, opts)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 # %% auto #0
-__all__ = ['sample_training_rows', 'transform_rows', 'transformed_frame']
+__all__ = ['sample_training_rows', 'sample_note', 'transform_rows', 'transformed_frame']
 
 # %% ../../nbs/511_phases.streaming.ipynb #a4784620
 def sample_training_rows(bars: pd.DataFrame, rows, max_rows: int | None, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -38,6 +38,12 @@ def sample_training_rows(bars: pd.DataFrame, rows, max_rows: int | None, seed: i
     info.update(rows=int(len(kept)), symbols=int(k), sampled=True,
                 start=str(pd.Timestamp(ts.min())) if len(ts) else None, end=str(pd.Timestamp(ts.max())) if len(ts) else None)
     return kept, info
+
+def sample_note(info: dict) -> str:
+    "One line for the reports on what `sample_training_rows` kept."
+    if not info['sampled']: return f"all {info['rows']:,} training rows"
+    return (f"{info['rows']:,} of {info['of_rows']:,} training rows: {info['symbols']} of {info['of_symbols']} symbols, "
+            f"{info['start']} to {info['end']}")
 
 # %% ../../nbs/511_phases.streaming.ipynb #3f7711dd
 def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000) -> np.ndarray:
