@@ -13,13 +13,13 @@ from ..core.config import PipelineError
 from ..features.store import FeatureStore
 
 # %% auto #0
-__all__ = ['StoreRows', 'PartitionRows']
+__all__ = ['StoreRows', 'PartitionRows', 'AllParamsDataset']
 
 # %% ../../nbs/412_models.store_rows.ipynb #7e6e0d31
 class StoreRows:
     """Rows (increasing positions) and columns of a `FeatureStore`, narrowed like a DataFrame's (`.iloc[positions]`,
-    `[columns]`) without reading anything; `chunks` reads them a partition at a time, `sequences` hands them to
-    LightGBM the same way.
+    `[columns]`) without reading anything; `read` reads the rows of one of its `partitions`, `sequences` hands them
+    to LightGBM a partition at a time.
 
     Parameters
     ----------
@@ -64,10 +64,6 @@ class StoreRows:
         A = self.store.read(self.columns, self.rows[a:b]).to_numpy()
         return np.where(np.isinf(A), np.float32(np.nan), A) if np.isinf(A).any() else A
 
-    def chunks(self):
-        "`(a, b, matrix)` per partition, in row order: `matrix` is `read(a, b)`, one partition in memory at a time."
-        for a, b in self.partitions(): yield a, b, self.read(a, b)
-
     def sequences(self, batch_size: int = lgb.Sequence.batch_size) -> list[PartitionRows]:
         "One `lightgbm.Sequence` per partition holding some of these rows, reading through one shared one-slot cache."
         cache = _OnePartition(self)
@@ -104,3 +100,11 @@ class PartitionRows(lgb.Sequence):
         if isinstance(idx, (int, np.integer)): return block[idx].astype(np.float64)   # LightGBM samples float64 rows
         if isinstance(idx, slice): return block[idx]
         raise TypeError(f'PartitionRows takes a row number or a slice, not {type(idx).__name__}')
+
+class AllParamsDataset(lgb.Dataset):
+    """`lightgbm.Dataset` that bins with every parameter it is given, whatever its input. LightGBM builds a Dataset
+    from a matrix with all of them, but from `Sequence`s with only its dataset subset (`Dataset.get_params`):
+    without `seed` it samples other rows for the bin boundaries, without `min_data_in_leaf` it pre-filters other
+    unsplittable features, and the model differs. With all of them, sequences give the matrix's Dataset."""
+    def get_params(self) -> dict: return dict(self.params or {})
+

@@ -15,7 +15,7 @@ import pandas as pd
 
 from ..core.config import PipelineError, config_defaults
 from ..evaluation.metrics import _corr_from_sums, _corr_sums, block_labels, jackknife_se
-from .store_rows import StoreRows
+from .store_rows import AllParamsDataset, StoreRows
 from .trainer import available_cpus
 
 # %% auto #0
@@ -182,7 +182,8 @@ class LGBMFit:
     def predict(self, X: pd.DataFrame | StoreRows) -> np.ndarray:
         "Predictions at the best iteration; `StoreRows` are read and predicted a partition at a time."
         if isinstance(X, StoreRows):
-            parts = [self.booster.predict(A, num_iteration=self.best_iteration) for _, _, A in X[self.features].chunks()]
+            rows = X[self.features]
+            parts = [self.booster.predict(rows.read(a, b), num_iteration=self.best_iteration) for a, b in rows.partitions()]
             return np.concatenate(parts) if parts else np.zeros(0)
         return self.booster.predict(self.matrix(X), num_iteration=self.best_iteration)
 
@@ -232,12 +233,12 @@ def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame |
          'n_jobs': int(num_threads or available_cpus())}
     cat = [features.index(c) for c in categorical if c in features]
     t0 = time.perf_counter()
-    train = lgb.Dataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr], feature_name=[f'f{j}' for j in range(len(features))],
-                        categorical_feature=cat or 'auto', params=p)
+    train = AllParamsDataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr],
+                             feature_name=[f'f{j}' for j in range(len(features))], categorical_feature=cat or 'auto', params=p)
     sets, names, callbacks, n_valid = [train], ['train'], [], 0
     if X_valid is not None:
         yva, kva = _finite_rows(y_valid, f'{target or "target"} (validation rows)')
-        sets.append(lgb.Dataset(_lgbm_rows(X_valid, features, kva), label=yva[kva], reference=train, params=p))
+        sets.append(AllParamsDataset(_lgbm_rows(X_valid, features, kva), label=yva[kva], reference=train, params=p))
         names.append('valid'); n_valid = int(kva.sum())
         callbacks.append(lgb.early_stopping(int(early_stopping_rounds), first_metric_only=True, verbose=False))
     evals = {}
