@@ -48,7 +48,8 @@ class StoreRows:
 
     def __getitem__(self, columns) -> StoreRows:
         "The same rows, `columns` only (in that order)."
-        missing = [c for c in columns if c not in set(self.columns)]
+        have = set(self.columns)
+        missing = [c for c in columns if c not in have]
         if missing: raise PipelineError(f'these rows lack {len(missing)} column(s), e.g. {missing[:3]}')
         return StoreRows(self.store, self.rows, columns)
 
