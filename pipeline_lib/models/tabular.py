@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..core.config import PipelineError, config_defaults
 from ..evaluation.metrics import _corr_from_sums, _corr_sums, block_labels, jackknife_se
+from .store_rows import AllParamsDataset, StoreRows
 from .trainer import available_cpus
 
 # %% auto #0
@@ -127,8 +128,8 @@ class LGBMFit:
 
     Attributes
     ----------
-    model : lightgbm.LGBMRegressor
-        The fitted regressor.
+    booster : lightgbm.Booster
+        The trained trees.
     features : list of str
         The columns it was fitted on, in order.
     target : str or None
@@ -156,7 +157,7 @@ class LGBMFit:
     >>> fit.predict(X[400:]).shape, fit.importance().index[0]
     ((200,), 'a')
     """
-    model: object = field(repr=False)
+    booster: object = field(repr=False)
     features: list
     target: str | None
     best_iteration: int
@@ -178,20 +179,24 @@ class LGBMFit:
         if missing: raise PipelineError(f'X lacks {len(missing)} feature(s) this LightGBM was fitted on, e.g. {missing[:3]}')
         return _lgbm_matrix(X, self.features)
 
-    def predict(self, X: pd.DataFrame) -> np.ndarray:
-        "Predictions at the best iteration."
-        return self.model.booster_.predict(self.matrix(X), num_iteration=self.best_iteration)
+    def predict(self, X: pd.DataFrame | StoreRows) -> np.ndarray:
+        "Predictions at the best iteration; `StoreRows` are read and predicted a partition at a time."
+        if isinstance(X, StoreRows):
+            rows = X[self.features]
+            parts = [self.booster.predict(rows.read(a, b), num_iteration=self.best_iteration) for a, b in rows.partitions()]
+            return np.concatenate(parts) if parts else np.zeros(0)
+        return self.booster.predict(self.matrix(X), num_iteration=self.best_iteration)
 
     def importance(self, kind: str = 'gain') -> pd.Series:
         "Gain (or split-count) importance per feature at the best iteration, as a share of the total."
-        v = self.model.booster_.feature_importance(importance_type=kind, iteration=self.best_iteration).astype(float)
+        v = self.booster.feature_importance(importance_type=kind, iteration=self.best_iteration).astype(float)
         return pd.Series(v / v.sum() if v.sum() > 0 else v, index=self.features, name=kind).sort_values(ascending=False)
 
     def shap_values(self, X: pd.DataFrame, max_rows: int = 2000) -> tuple[pd.DataFrame, pd.DataFrame, float]:
         "TreeSHAP contributions (LightGBM `pred_contrib`) on at most `max_rows` evenly spread rows: (values, data, base value)."
         A = self.matrix(X)
         rows = np.unique(np.linspace(0, len(A) - 1, min(int(max_rows), len(A))).round().astype(np.int64)) if len(A) else np.zeros(0, np.int64)
-        contrib = self.model.booster_.predict(A[rows], num_iteration=self.best_iteration, pred_contrib=True)
+        contrib = self.booster.predict(A[rows], num_iteration=self.best_iteration, pred_contrib=True)
         idx = X.index[rows]
         return (pd.DataFrame(contrib[:, :-1], columns=self.features, index=idx),
                 pd.DataFrame(A[rows], columns=self.features, index=idx), float(contrib[0, -1]) if len(rows) else 0.0)
@@ -209,10 +214,16 @@ def _finite_rows(y, what: str) -> tuple[np.ndarray, np.ndarray]:
     if keep.sum() < 10: raise PipelineError(f'{what} has only {int(keep.sum())} rows with a finite target; need more')
     return y, keep
 
-def fit_lgbm(X_train: pd.DataFrame, y_train, X_valid: pd.DataFrame | None = None, y_valid=None, *,
+def _lgbm_rows(X: pd.DataFrame | StoreRows, features: list, keep: np.ndarray):
+    "LightGBM's input for rows `keep` of `features`: a matrix from a DataFrame, one Sequence per partition from `StoreRows`."
+    if isinstance(X, StoreRows): return X.iloc[keep][features].sequences()
+    return _lgbm_matrix(X, features)[keep]
+
+def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame | StoreRows | None = None, y_valid=None, *,
              params: dict | None = None, seed: int = 0, early_stopping_rounds: int = EARLY_STOPPING_ROUNDS,
              num_threads: int | None = None, categorical=(), target: str | None = None) -> LGBMFit:
-    "LightGBM on the training rows, early-stopped on the validation rows (rows with a NaN target left out of each)."
+    """LightGBM on the training rows, early-stopped on the validation rows (rows with a NaN target left out of each).
+    `X_train` / `X_valid`: DataFrames, or `StoreRows` streamed from the feature store a partition at a time."""
     import lightgbm as lgb
     if X_valid is not None and list(X_train.columns) != list(X_valid.columns):
         raise PipelineError('X_train and X_valid must have the same columns in the same order')
@@ -222,22 +233,23 @@ def fit_lgbm(X_train: pd.DataFrame, y_train, X_valid: pd.DataFrame | None = None
          'n_jobs': int(num_threads or available_cpus())}
     cat = [features.index(c) for c in categorical if c in features]
     t0 = time.perf_counter()
-    Atr, ytr = _lgbm_matrix(X_train, features)[ktr], ytr[ktr]
-    evals, names, callbacks, n_valid = (Atr,), ['train'], [], 0
+    train = AllParamsDataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr],
+                             feature_name=[f'f{j}' for j in range(len(features))], categorical_feature=cat or 'auto', params=p)
+    sets, names, callbacks, n_valid = [train], ['train'], [], 0
     if X_valid is not None:
         yva, kva = _finite_rows(y_valid, f'{target or "target"} (validation rows)')
-        Ava, yva = _lgbm_matrix(X_valid, features)[kva], yva[kva]
-        evals, names, n_valid = (Atr, Ava), ['train', 'valid'], len(yva)
-        callbacks = [lgb.early_stopping(int(early_stopping_rounds), first_metric_only=True, verbose=False)]
-    model = lgb.LGBMRegressor(**p)
-    model.fit(Atr, ytr, eval_X=evals, eval_y=tuple(ytr if a is Atr else yva for a in evals), eval_names=names,
-              feature_name=[f'f{j}' for j in range(len(features))], categorical_feature=cat or 'auto', callbacks=callbacks)
+        sets.append(AllParamsDataset(_lgbm_rows(X_valid, features, kva), label=yva[kva], reference=train, params=p))
+        names.append('valid'); n_valid = int(kva.sum())
+        callbacks.append(lgb.early_stopping(int(early_stopping_rounds), first_metric_only=True, verbose=False))
+    evals = {}
+    booster = lgb.train(p, train, valid_sets=sets, valid_names=names, callbacks=[*callbacks, lgb.record_evaluation(evals)])
+    booster.free_dataset()   # the binned rows: predictions do not need them
     seconds = time.perf_counter() - t0
-    n_it = len(next(iter(model.evals_result_[names[-1]].values())))   # every iteration run (the booster keeps the best)
-    best = int(model.best_iteration_ or n_it)
-    return LGBMFit(model=model, features=features, target=target, best_iteration=best, n_iterations=n_it,
-                   evals_result={k: {m: list(map(float, v)) for m, v in d.items()} for k, d in model.evals_result_.items()},
-                   seconds=seconds, params=p, categorical=[features[j] for j in cat], n_train=len(ytr), n_valid=n_valid)
+    n_it = len(next(iter(evals[names[-1]].values())))   # every iteration run (the booster keeps the best)
+    best = int(booster.best_iteration or n_it)
+    return LGBMFit(booster=booster, features=features, target=target, best_iteration=best, n_iterations=n_it,
+                   evals_result={k: {m: list(map(float, v)) for m, v in d.items()} for k, d in evals.items()},
+                   seconds=seconds, params=p, categorical=[features[j] for j in cat], n_train=int(ktr.sum()), n_valid=n_valid)
 
 # %% ../../nbs/402_models.tabular.ipynb #1cbae9c7
 RIDGE_ALPHAS = tuple(_P2['ridge']['alphas'])

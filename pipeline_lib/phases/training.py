@@ -13,8 +13,10 @@ import pandas as pd
 
 from ..core.config import PipelineError, load_settings
 from ..data.targets import fitting_targets
+from ..features.store import FeatureStore
 from ..models.ensemble import fit_ensemble
 from ..models.multitask import MultiTaskModel
+from ..models.store_rows import StoreRows
 from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge
 
 # %% auto #0
@@ -32,6 +34,10 @@ class Fits:
     seconds: dict = field(default_factory=dict)       # model -> training wall seconds
     cpu_seconds: dict = field(default_factory=dict)   # model -> training CPU seconds
 
+def _raw_features(F: pd.DataFrame | StoreRows | FeatureStore | None) -> pd.DataFrame | StoreRows | None:
+    "The baseline's input: a DataFrame or `StoreRows` as given; every row of a `FeatureStore`, streamed, as `StoreRows`."
+    return StoreRows(F) if isinstance(F, FeatureStore) else F
+
 def _lgbm_kwargs(opts: dict) -> tuple[dict, int]:
     p = dict(opts['lightgbm'])
     return p, int(p.pop('early_stopping_rounds', EARLY_STOPPING_ROUNDS))
@@ -45,11 +51,12 @@ class _Clock:
         self.fits.cpu_seconds[self.name] = self.fits.cpu_seconds.get(self.name, 0.0) + time.process_time() - self.c
 
 # %% ../../nbs/509_phases.training.ipynb #336399d4
-def fit_models(X: pd.DataFrame, F: pd.DataFrame | None, targets: pd.DataFrame, split, timestamps, opts: dict,
-               model_list, lgbm_targets, heads, progress: bool = True) -> Fits:
+def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | None, targets: pd.DataFrame, split,
+               timestamps, opts: dict, model_list, lgbm_targets, heads, progress: bool = True) -> Fits:
     """Train the configured models on `split == 'train'` rows, early-stopped on `'valid'` rows; ensemble weights on
     valid, with out-of-fold weights per day block of valid (purged by `opts['purge_bars']`) for its validation score."""
     say = print if progress else (lambda *a, **k: None)
+    F = _raw_features(F)
     lab = np.asarray(split)
     tr, va = np.flatnonzero(lab == 'train'), np.flatnonzero(lab == 'valid')
     ts = np.asarray(timestamps)
@@ -114,10 +121,11 @@ def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.Dat
     return out
 
 # %% ../../nbs/509_phases.training.ipynb #e67dc8a8
-def predict_all(fits: Fits, X: pd.DataFrame, F: pd.DataFrame | None, model_list, split=None, timestamps=None) -> dict:
+def predict_all(fits: Fits, X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | None, model_list, split=None,
+                timestamps=None) -> dict:
     """`{'<model>__<target>': array}` on the rows of `X` (and `F`, for the baseline) for every configured model.
     With `split` and `timestamps` (per row of `X`), the ensemble's predictions on `'valid'` rows are out of fold."""
-    models, out = set(model_list), {}
+    models, out, F = set(model_list), {}, _raw_features(F)
     valid = None if split is None else np.asarray(split).astype(str) == 'valid'
     if valid is not None and timestamps is None: raise PipelineError('predict_all needs the timestamps with the split')
     mt_pred = fits.multitask.predict(X) if fits.multitask is not None else None
