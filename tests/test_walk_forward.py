@@ -64,6 +64,12 @@ class _Spies:
             out.attrs['phase1_rows'] = getattr(ft, '_spy_rows', main_phase1_rows)
             return out
 
+        transformed_frame = walk_forward_module.transformed_frame
+        def transformed_spy(ft, rd, rows=None):   # the fold's features, made a store partition at a time
+            out = transformed_frame(ft, rd, rows)
+            out.attrs['phase1_rows'] = getattr(ft, '_spy_rows', main_phase1_rows)
+            return out
+
         def learner(name, f, x_pos=0, valid_pos=2):
             def spy(*a, **kw):
                 if spies.active:
@@ -100,6 +106,7 @@ class _Spies:
 
         monkeypatch.setattr(FeatureTransformer, 'fit', fit_spy)
         monkeypatch.setattr(FeatureTransformer, 'transform', transform_spy)
+        monkeypatch.setattr(walk_forward_module, 'transformed_frame', transformed_spy)
         monkeypatch.setattr(MultiTaskModel, 'fit', mt_fit)
         monkeypatch.setattr(training, 'fit_lgbm', learner('lightgbm', training.fit_lgbm))
         monkeypatch.setattr(training, 'fit_ridge', learner('ridge', training.fit_ridge))
@@ -194,7 +201,7 @@ def _planted_run_data(cfg):
     for name, (before, inside) in WEIGHTS.items():
         c = np.where(ts < start, before, np.where(ts <= train_end, inside, 0.0))
         cols[name] = np.exp(2.5 * (c * z + np.sqrt(1 - c**2) * rng.standard_normal(len(z))))
-    rd = dataclasses.replace(rd, features=rd.features.assign(**{k: v.astype(np.float32) for k, v in cols.items()}))
+    rd = dataclasses.replace(rd, store=None, frame=rd.features.assign(**{k: v.astype(np.float32) for k, v in cols.items()}))
     return rd, block
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import lightgbm as lgb
 import numpy as np
+import pandas as pd
 
 from ..core.config import PipelineError
 from ..features.store import FeatureStore
@@ -41,6 +42,10 @@ class StoreRows:
         if missing: raise PipelineError(f'the feature store lacks {len(missing)} column(s), e.g. {missing[:3]}')
 
     def __len__(self) -> int: return len(self.rows)
+    @property
+    def index(self) -> pd.Index:
+        "The row positions in the store, as a DataFrame cut from the whole feature frame would carry them."
+        return pd.Index(self.rows)
     @property
     def shape(self) -> tuple[int, int]: return (len(self.rows), len(self.columns))
     @property

@@ -313,7 +313,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     run.say(f'phase 2: {X.shape[1]} Phase 1 features ({ft.n_selected_} selected + {X.shape[1] - ft.n_selected_ - 1} latent + regime) '
             f'vs {len(rd.feature_columns)} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
     with run.step('fit'):
-        F = rd.features if 'baseline_all_features' in model_list else None
+        F = rd.raw_rows() if 'baseline_all_features' in model_list else None   # streamed from the store
         fits = fit_models(X, F, rd.targets, rd.split.to_numpy(), rd.bars['timestamp'].to_numpy(), opts, model_list,
                           lgbm_targets, heads, progress)
     with run.step('predict'):

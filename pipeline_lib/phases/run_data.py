@@ -19,6 +19,7 @@ from ..data.load import describe_load, infer_interval, load_bars, load_options, 
 from ..core.executor import local_executor
 from ..features.build import build_features
 from ..features.store import FeatureStore, cached_store, data_fingerprint
+from ..models.store_rows import StoreRows
 from ..data.market import cached_market, make_market
 from ..evaluation.metrics import evaluate
 from ..data.splits import SPLITS, make_split, split_summary
@@ -60,10 +61,16 @@ class RunData:
         return list(self.frame.columns) if self.store is None else self.store.columns
 
     def read_features(self, columns=None, rows=None) -> pd.DataFrame:
-        "Features of `rows` (increasing positions; all by default) and `columns` (all by default), index 0..len-1."
-        if self.store is not None and self.frame is None: return self.store.read(columns, rows)
-        f = self.features if columns is None else self.features[list(columns)]
-        return (f if rows is None else f.iloc[np.asarray(rows)]).reset_index(drop=True)
+        "Features of `rows` (increasing positions; all by default) and `columns` (all by default), indexed by position."
+        if self.store is None or self.frame is not None:
+            f = self.features if columns is None else self.features[list(columns)]
+            return f if rows is None else f.iloc[np.asarray(rows)]
+        out = self.store.read(columns, rows)
+        return out if rows is None else out.set_axis(pd.Index(np.asarray(rows)))
+
+    def raw_rows(self):
+        "Every feature of every row as LightGBM can train on it: streamed from the store (`StoreRows`), else the frame."
+        return self.features if self.store is None else StoreRows(self.store)
 
     def rows(self, name: str) -> np.ndarray:
         "Positions of the rows in split `name` ('train', 'valid' or 'test')."

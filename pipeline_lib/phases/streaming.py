@@ -52,6 +52,7 @@ def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000) -> np.ndarray:
     cols = list(ft.selected_features_)
     out_cols = list(ft.get_feature_names_out())
     rows = np.arange(len(rd.bars), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) > 1 and (np.diff(rows) <= 0).any(): raise ValueError('rows must be increasing positions')
     out = np.empty((len(rows), len(out_cols)), np.float32)
     if rd.store is not None: bounds = [(p['lo'], p['hi']) for p in rd.store.partitions]
     else: bounds = [(a, min(a + chunk_rows, len(rd.bars))) for a in range(0, len(rd.bars), chunk_rows)]
@@ -61,5 +62,6 @@ def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000) -> np.ndarray:
     return out
 
 def transformed_frame(ft, rd, rows=None) -> pd.DataFrame:
-    "`transform_rows` as a DataFrame with the transformer's output columns (index 0..n-1)."
-    return pd.DataFrame(transform_rows(ft, rd, rows), columns=list(ft.get_feature_names_out()), copy=False)
+    "`transform_rows` as a DataFrame with the transformer's output columns, indexed by row position."
+    index = None if rows is None else pd.Index(np.asarray(rows, np.int64))
+    return pd.DataFrame(transform_rows(ft, rd, rows), columns=list(ft.get_feature_names_out()), index=index, copy=False)

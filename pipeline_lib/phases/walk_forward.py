@@ -16,6 +16,7 @@ from ..evaluation.metrics import evaluate
 from ..models.tabular import mean_ci
 from .phase1 import fit_phase1
 from .run_data import RunData, check_target
+from .streaming import transformed_frame
 from .training import fit_models, predict_all
 from .verdict import format_or_na
 
@@ -46,7 +47,7 @@ def walk_forward(rd: RunData, cfg: dict, opts: dict, model_list, heads, horizon:
     n_folds, horizon = int(opts['n_folds']), int(horizon)
     folds = purged_walk_forward(pd.Series(ts[rows]), sym[rows], n_folds=n_folds, horizon=horizon)
     y = rd.targets[primary].to_numpy(float)             # scored on the raw target
-    F = rd.features if 'baseline_all_features' in model_list else None
+    F = rd.raw_rows() if 'baseline_all_features' in model_list else None
     recs = []
     for k, (a, b) in enumerate(folds):
         t_fold = time.perf_counter()
@@ -54,7 +55,7 @@ def walk_forward(rd: RunData, cfg: dict, opts: dict, model_list, heads, horizon:
         lab = inner_split(ts[tr], sym[tr], horizon, valid_frac)
         t0 = time.perf_counter()
         ft = fit_phase1(cfg, rd, tr[lab == 'train'], screen=False)   # as the main Phase 1: on train, not valid
-        Xtr, Xblk = ft.transform(rd.features.iloc[tr]), ft.transform(rd.features.iloc[blk])
+        Xtr, Xblk = transformed_frame(ft, rd, tr), transformed_frame(ft, rd, blk)
         t_phase1 = time.perf_counter() - t0
         t0 = time.perf_counter()
         fits = fit_models(Xtr, None if F is None else F.iloc[tr], rd.targets.iloc[tr], lab, ts[tr], opts,
