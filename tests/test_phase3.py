@@ -229,3 +229,19 @@ def test_networks_are_trained_and_stopped_on_the_demeaned_return_of_their_block_
         assert np.array_equal(np.isnan(y[r]), np.isnan(raw[r]))
         assert pd.Series(y[r]).groupby(ts[r]).mean().abs().max() < 1e-12
     assert np.isfinite(y[seen['train']]).all() and np.isfinite(y[seen['valid']]).all()
+
+
+def test_eval_cap_scores_a_seeded_subset_of_each_split_and_leaves_training_rows_alone():
+    from types import SimpleNamespace
+    from pipeline_lib.phases.phase3 import scored_rows
+    lab = np.array(['train'] * 600 + ['gap'] * 10 + ['valid'] * 200 + ['gap'] * 10 + ['test'] * 300)
+    ok = np.ones(len(lab), bool); ok[lab == 'gap'] = False; ok[::7] = False   # some rows lack a full window
+    rd = SimpleNamespace(split=pd.Series(lab))
+    opts = {'seed': 3, 'max_train_predictions': None, 'max_eval_predictions': 50}
+    rows, pred = scored_rows(rd, ok, opts)
+    assert np.array_equal(rows, np.flatnonzero(lab != 'gap'))
+    assert ok[pred].all() and (np.diff(pred) > 0).all()
+    counts = pd.Series(lab[pred]).value_counts()
+    assert counts['valid'] == counts['test'] == 50 and counts['train'] == (ok & (lab == 'train')).sum()
+    assert np.array_equal(pred, scored_rows(rd, ok, opts)[1])
+    assert np.array_equal(scored_rows(rd, ok, {**opts, 'max_eval_predictions': None})[1], np.flatnonzero(ok))

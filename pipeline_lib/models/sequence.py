@@ -129,7 +129,7 @@ def batch_loader(ds: WindowDataset, batch_size: int = 256, *, shuffle: bool = Fa
 # %% ../../nbs/403_models.sequence.ipynb #b4d0578f
 # The training keys are the YAML's `phase3` section (core.config's one home for every default) less the phase's own
 # keys, so a direct call trains the way Phase 3 does by default (capped; configs/full.yaml's values lift the caps).
-PHASE_KEYS = ('lookback', 'models', 'model_dir', 'max_train_predictions')
+PHASE_KEYS = ('lookback', 'models', 'model_dir', 'max_train_predictions', 'max_eval_predictions')
 TRAIN_DEFAULTS = {k: v for k, v in config_defaults('phase3').items() if k not in PHASE_KEYS}
 
 def resolve_threads(n: int | None = None) -> int:

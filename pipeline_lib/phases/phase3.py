@@ -77,29 +77,30 @@ from .streaming import transform_rows
 
 # %% ../../nbs/505_phases.phase3.ipynb #41935100
 def scored_rows(rd: RunData, ends_ok: np.ndarray, opts: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(rows of predictions.parquet: every non-gap row, rows predicted: those with a full window, training rows capped by
-    `max_train_predictions` (a seeded random subset))."""
+    """(rows of predictions.parquet: every non-gap row, rows predicted: those with a full window; training rows capped
+    by `max_train_predictions`, validation and test rows each by `max_eval_predictions` (seeded random subsets))."""
     lab = rd.split.to_numpy().astype(str)
     rows = np.flatnonzero(lab != 'gap')
     pred = np.flatnonzero(ends_ok)
-    cap = opts.get('max_train_predictions')
-    tr = pred[lab[pred] == 'train']
-    if cap is not None and len(tr) > int(cap):
-        keep = np.sort(np.random.default_rng(int(opts['seed']) + 7).choice(tr, int(cap), replace=False))
-        pred = np.sort(np.r_[pred[lab[pred] != 'train'], keep])
+    for k, (split, key) in enumerate((('train', 'max_train_predictions'), ('valid', 'max_eval_predictions'),
+                                      ('test', 'max_eval_predictions'))):
+        cap, these = opts.get(key), pred[lab[pred] == split]
+        if cap is not None and len(these) > int(cap):
+            keep = np.random.default_rng(int(opts['seed']) + 7 + k).choice(these, int(cap), replace=False)
+            pred = np.sort(np.r_[pred[lab[pred] != split], keep])
     return rows, pred
 
 VALID_ROLE = 'the best epoch (early stopping on these rows, or a fixed subset of them) was chosen on them: mildly in-sample'
 
 def model_metrics(frame: pd.DataFrame, fits: dict, primary: str, predict_seconds: dict, train_scoring: dict) -> dict:
     """`phase3.models`: per model, per split metrics of the primary target, training seconds, caps and training details.
-    `train_scoring`: `max_train_predictions`, `train_rows_with_window`, `train_rows_scored`."""
+    `train_scoring`: the two caps on scored rows, and the rows with a window and scored: `train_*`, and `eval_*` (valid + test)."""
     out = {}
     for name, f in fits.items():
         col = f'{name}__{primary}'
         caps = {**f.capped, **train_scoring}
-        if train_scoring['train_rows_scored'] < train_scoring['train_rows_with_window']:
-            caps['by'] = caps['by'] + ['max_train_predictions']
+        for split, key in (('train', 'max_train_predictions'), ('eval', 'max_eval_predictions')):
+            if train_scoring[f'{split}_rows_scored'] < train_scoring[f'{split}_rows_with_window']: caps['by'] = caps['by'] + [key]
         caps['active'] = bool(caps['by'])
         out[name] = {primary: evaluate_splits(frame, col, primary), 'seconds': round(f.seconds, 3), 'capped': caps,
                      'valid_in_sample': 'mild', 'valid_role': VALID_ROLE,
@@ -345,9 +346,11 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     with run.step('evaluate'):
         frame = prediction_frame(rd, preds, rows, primary)
         models = model_metrics(frame, fits, primary, pred_sec, {
-            'max_train_predictions': opts['max_train_predictions'],
+            'max_train_predictions': opts['max_train_predictions'], 'max_eval_predictions': opts['max_eval_predictions'],
             'train_rows_with_window': int(win.loc['train', 'rows with a full window']),
-            'train_rows_scored': int(win.loc['train', 'rows predicted'])})
+            'train_rows_scored': int(win.loc['train', 'rows predicted']),
+            'eval_rows_with_window': int(win.loc[['valid', 'test'], 'rows with a full window'].sum()),
+            'eval_rows_scored': int(win.loc[['valid', 'test'], 'rows predicted'].sum())})
     seq_dir = output_dir/SEQ_DIR
     with run.step('save'):
         manifest = write_sequence_models(seq_dir, fits, {
@@ -365,7 +368,8 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
         'models': models, 'primary_target': primary, 'target_demeaned': demean, 'lookback': L, 'n_features': int(X.shape[1]),
         'windows': {s: {k: int(v) for k, v in win.loc[s].items()} for s in SPLITS},
         'capped': bool(capped), 'caps': {k: opts[k] for k in ('max_epochs', 'patience', 'max_train_windows',
-                                                                  'max_valid_windows', 'max_train_predictions', 'time_limit')},
+                                                                  'max_valid_windows', 'max_train_predictions', 'max_eval_predictions',
+                                                                  'time_limit')},
         'comparison': comp, 'seconds': round(seconds, 2), 'cpu_seconds': round(run.cpu_seconds, 2),
         'timings': run.rounded_timings(), 'output_dir': str(seq_dir), 'metadata_dir': str(metadata_dir),
         'settings': {k: v for k, v in opts.items() if k != 'models'},
