@@ -9,7 +9,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from ..core.config import PipelineError
+from ..core.config import PipelineError, config_defaults
 from .errors import short_path
 from ..core.schema import fmt_value
 
@@ -55,7 +55,7 @@ BYTES_PER_FEATURE = 4            # float32
 ROW_BYTES = 200                  # bars, oracle, split and index per row, with pandas' overhead (plus 8 per target)
 BUILD_COPIES = 3.0               # a partition's build peaks at ~3x its float32 output (DESIGN section 6)
 CROSS_SECTION_BYTES = 31*4 + 25*8   # the cross-section pass, per row: its ~31 columns and ~25 float64 series
-PHASE1_COPIES = 2.5              # Phase 1's sample: the matrix, its scaled copy, the importance folds' slices
+PHASE1_COPIES = 4.5              # Phase 1's sample: the matrix, the fold slices and noise controls, LightGBM's copy (7.6 KB a row measured)
 BIN_BYTES = 1                    # LightGBM's binned data: about a byte per feature per row (max_bin <= 255)
 WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
@@ -110,8 +110,11 @@ def data_option_problems(cfg: dict) -> list[str]:
     except DataError as e: out.append(f'{e}.')
     return out
 
+_COMPUTE, _PHASE1 = config_defaults('compute'), config_defaults('phase1')   # the YAML's defaults
+
 def stage_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61, *, train_frac: float = 0.6,
-                partition_rows: int = 250_000, processes: int | None = None, phase1_rows: int | None = 1_000_000) -> dict:
+                partition_rows: int = _COMPUTE['partition_rows'], processes: int | None = _COMPUTE['processes'],
+                phase1_rows: int | None = _PHASE1['max_rows']) -> dict:
     "Peak bytes of each stage of a run on `rows` bars (the stages run one after another, each in its own process)."
     from pipeline_lib.core.executor import available_cores
     base = rows * (ROW_BYTES + 8 * n_targets)
@@ -145,8 +148,9 @@ def _gb(b) -> str: return f'{b/2**30:.1f} GiB' if b >= 2**28 else f'{b/2**20:.0f
 def run_sizes(cfg: dict) -> dict:
     "The settings of `cfg` that bound a stage's memory (`stage_bytes`' keyword arguments)."
     comp, p1, split = cfg.get('compute') or {}, cfg.get('phase1') or {}, cfg.get('split') or {}
-    return {'train_frac': float(split.get('train', 0.6)), 'partition_rows': int(comp.get('partition_rows') or 250_000),
-            'processes': comp.get('processes'), 'phase1_rows': p1.get('max_rows', 1_000_000)}
+    return {'train_frac': float(split.get('train', 0.6)),
+            'partition_rows': int(comp.get('partition_rows') or _COMPUTE['partition_rows']),
+            'processes': comp.get('processes', _COMPUTE['processes']), 'phase1_rows': p1.get('max_rows', _PHASE1['max_rows'])}
 
 def memory_check(rows: int, cfg: dict, n_features: int, what: str, available: int | None = None,
                  defaults: dict | None = None) -> str | None:
