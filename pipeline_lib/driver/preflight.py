@@ -169,7 +169,8 @@ def memory_check(rows: int, cfg: dict, n_features: int, what: str, available: in
                  'phase1': 'a smaller Phase 1 sample (phase1.max_rows)'}.get(stage, 'fewer features (features.families / exclude)')
         trim = ('--set data.max_rows=N or --set data.sample=0.5' if 'max_rows' in ((defaults or {}).get('data') or {})
                 else 'fewer symbols or days (data.market.n_symbols / n_days for the embedded market), a shorter date range or fewer files')
-        raise ResourceError(f'{head}, but only {_gb(avail)} is available, so the run would be killed part-way. Use '
-                            f'{knobs}, or less data ({trim}). Nothing was run.')
+        fits = int(rows * avail * 0.8 / need)   # the stages grow about linearly with the rows
+        raise ResourceError(f'{head}, but only {_gb(avail)} is available, so the run would be killed part-way. About '
+                            f'{fits:,} rows would fit as configured. Use {knobs}, or less data ({trim}). Nothing was run.')
     if need > avail/2: return f'{head}, more than half of the {_gb(avail)} available; the run may swap or be killed.'
     return None
