@@ -2,11 +2,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from pipeline_lib.core.executor import available_cores
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline_lib.models.trainer import (
-    ArrayDataset, TrainingError, available_cpus, evaluate_loss, fit_torch, make_loader, masked_mse, predict_torch,
+    ArrayDataset, TrainingError, evaluate_loss, fit_torch, make_loader, masked_mse, predict_torch,
     resolve_device, seed_everything)
 
 _fit_torch = fit_torch
@@ -187,6 +189,6 @@ def test_schedulers_change_the_learning_rate():
 def test_default_threads_use_the_machine():
     X, y = _data(64)
     _fit_torch(_mlp(), (X, y), None, epochs=1, progress=False)
-    assert torch.get_num_threads() == available_cpus()
+    assert torch.get_num_threads() == available_cores()
     fit_torch(_mlp(), (X, y), None, epochs=1, progress=False)
     assert torch.get_num_threads() == 1

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from ..core.executor import available_cores
 from ..core.config import PipelineError, config_defaults
 from ..core.artifacts import json_safe
 from ..evaluation.metrics import block_labels
@@ -172,10 +172,6 @@ _IMP = _P1['importance']
 _FIXED_PARAMS = {'deterministic': True, 'force_col_wise': True, 'verbosity': -1}
 MIN_FOLD_ROWS = 8    # training rows an inner fold needs (with a finite target): two leaves of 4
 
-def _cpus() -> int:
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
-
 @dataclass
 class ImportanceResult:
     """Per-feature importances from `feature_importance`.
@@ -250,7 +246,7 @@ def feature_importance(X: pd.DataFrame, y, timestamps=None, symbols=None, *, fol
         folds = purged_walk_forward(pd.Series(_as_vector_ts(timestamps, n)), sy, n_folds=n_folds, horizon=horizon, embargo=embargo)
     folds = _fold_list(folds, n)
     if np.isinf(A).any(): A = np.where(np.isinf(A), np.nan, A)
-    num_threads = int(num_threads or _cpus())
+    num_threads = int(num_threads or available_cores())
     params = {**_IMP['lgbm_params'], **(lgbm_params or {}), **_FIXED_PARAMS, 'seed': int(seed), 'num_threads': num_threads}
     fnames = [f'c{j}' for j in range(len(names))]  # LightGBM rejects some characters in names; map back by position
     finite_y = np.isfinite(yv)

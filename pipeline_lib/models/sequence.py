@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 from ..data.load import DataError
 from ..data.splits import SPLITS
 from .sequence_nets import build_model, n_parameters
-from .trainer import (PRECISIONS, available_cpus, fit_torch, make_loader, masked_mse, predict_torch,
+from ..core.executor import available_cores
+from .trainer import (PRECISIONS, fit_torch, make_loader, masked_mse, predict_torch,
                                  resolve_device)
 
 # %% auto #0
@@ -138,7 +139,7 @@ def resolve_threads(n: int | None = None) -> int:
     if n: return max(1, int(n))
     env = os.environ.get('OMP_NUM_THREADS', '').strip()
     if env.isdigit() and int(env) > 0: return int(env)
-    cores = available_cpus()
+    cores = available_cores()
     try: busy = max(0.0, os.getloadavg()[0] - 1.0)
     except (AttributeError, OSError): busy = 0.0
     return int(min(cores, max(1, round(cores - busy))))

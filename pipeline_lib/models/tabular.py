@@ -16,7 +16,7 @@ import pandas as pd
 from ..core.config import PipelineError, config_defaults
 from ..evaluation.metrics import _corr_from_sums, _corr_sums, block_labels, jackknife_se
 from .store_rows import AllParamsDataset, StoreRows
-from .trainer import available_cpus
+from .trainer import available_cores
 
 # %% auto #0
 __all__ = ['EARLY_STOPPING_ROUNDS', 'LGBM_PARAMS', 'LGBM_FIXED', 'RIDGE_ALPHAS', 'TabularScaler', 'LGBMFit', 'fit_lgbm',
@@ -230,7 +230,7 @@ def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame |
     features = [str(c) for c in X_train.columns]
     ytr, ktr = _finite_rows(y_train, f'{target or "target"} (training rows)')
     p = {**LGBM_PARAMS, **(params or {}), **LGBM_FIXED, 'random_state': int(seed),
-         'n_jobs': int(num_threads or available_cpus())}
+         'n_jobs': int(num_threads or available_cores())}
     cat = [features.index(c) for c in categorical if c in features]
     t0 = time.perf_counter()
     train = AllParamsDataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr],

@@ -13,7 +13,7 @@ import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -22,11 +22,11 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from ..core.config import PipelineError
+from ..core.executor import available_cores
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'TrainingError', 'seed_everything', 'resolve_device', 'available_cpus', 'set_threads', 'ArrayDataset',
-           'make_loader', 'to_device', 'masked_mse', 'precision_dtype', 'evaluate_loss', 'predict_torch', 'TrainResult',
-           'fit_torch']
+__all__ = ['PRECISIONS', 'TrainingError', 'seed_everything', 'resolve_device', 'set_threads', 'ArrayDataset', 'make_loader',
+           'to_device', 'masked_mse', 'precision_dtype', 'evaluate_loss', 'predict_torch', 'TrainResult', 'fit_torch']
 
 # %% ../../nbs/401_models.trainer.ipynb #06f33673
 class TrainingError(PipelineError):
@@ -59,14 +59,9 @@ def resolve_device(name: str | torch.device | None = 'auto') -> torch.device:
                             "use device='auto' or 'cpu'")
     return dev
 
-def available_cpus() -> int:
-    "CPU cores this process may use (its affinity mask where the OS has one)."
-    try: return len(os.sched_getaffinity(0))
-    except AttributeError: return os.cpu_count() or 1
-
 def set_threads(n: int | None = None) -> int:
     "Set torch's intra-op threads to `n` (default: the cores this process may use); returns the number set."
-    n = int(n) if n else available_cpus()
+    n = int(n) if n else available_cores()
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()
 
