@@ -1677,6 +1677,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                               'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training.fit_models': ( 'phases.training.html#fit_models',
                                                                                            'pipeline_lib/phases/training.py'),
+                                              'pipeline_lib.phases.training.in_blocks': ( 'phases.training.html#in_blocks',
+                                                                                          'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training.member_predictions': ( 'phases.training.html#member_predictions',
                                                                                                    'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training.predict_all': ( 'phases.training.html#predict_all',

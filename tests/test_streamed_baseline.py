@@ -142,3 +142,23 @@ def test_fit_models_and_predict_all_take_the_store(data):
     p_store = predict_all(streamed, X, store, ['baseline_all_features'])['baseline_all_features__fwd_ret_5']
     assert np.array_equal(p_rows['baseline_all_features__fwd_ret_5'], p_mem['baseline_all_features__fwd_ret_5'])
     assert np.array_equal(p_store[scored], p_mem['baseline_all_features__fwd_ret_5']) and len(p_store) == n
+
+
+def test_predictions_in_blocks_equal_one_call(monkeypatch):
+    "Phase 2 predicts a block of rows at a time; for each model the blocks give the values of one call."
+    from pipeline_lib.models.multitask import MultiTaskModel
+    from pipeline_lib.models.tabular import fit_lgbm, fit_ridge
+    from pipeline_lib.phases import training
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame(rng.normal(size=(40_000, 6)).astype('float32'), columns=[f'c{i}' for i in range(6)])
+    y = pd.Series(0.2 * X['c0'].to_numpy() + rng.normal(size=len(X)))
+    tr, va = slice(0, 20_000), slice(20_000, 30_000)
+    ridge = fit_ridge(X[tr], y[tr], X[va], y[va])
+    lgbm = fit_lgbm(X[tr], y[tr], X[va], y[va], params={'n_estimators': 20})
+    net = MultiTaskModel(['fwd_ret_5m'], hidden=(8,), epochs=1, seed=0).fit(X[tr], pd.DataFrame({'fwd_ret_5m': y[tr]}))
+    whole = {'ridge': ridge.predict(X), 'lightgbm': lgbm.predict(X), 'net': net.predict(X)['fwd_ret_5m'].to_numpy()}
+    monkeypatch.setattr(training, 'PREDICT_ROWS', 16_384)   # blocks that cut the 40,000 rows where a network batch ends
+    assert np.array_equal(training.in_blocks(net.predict, X)['fwd_ret_5m'].to_numpy(), whole['net'])
+    monkeypatch.setattr(training, 'PREDICT_ROWS', 7_001)    # any block size for row-wise models
+    assert np.array_equal(training.in_blocks(ridge.predict, X), whole['ridge'])
+    assert np.array_equal(training.in_blocks(lgbm.predict, X), whole['lightgbm'])

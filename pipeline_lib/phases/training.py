@@ -20,7 +20,7 @@ from ..models.store_rows import StoreRows
 from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge
 
 # %% auto #0
-__all__ = ['Fits', 'fit_models', 'member_predictions', 'predict_all']
+__all__ = ['PREDICT_ROWS', 'Fits', 'fit_models', 'in_blocks', 'member_predictions', 'predict_all']
 
 # %% ../../nbs/509_phases.training.ipynb #eca5ea2e
 @dataclass
@@ -111,13 +111,22 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
     return fits
 
 # %% ../../nbs/509_phases.training.ipynb #9ccff52a
+PREDICT_ROWS = 16_384 * 16   # rows per prediction block: a multiple of the network's prediction batch (16,384), so
+                             # that blocks change no batch, and small enough that a block's float64 copies stay small
+
+def in_blocks(predict, X: pd.DataFrame):
+    "`predict(X)` a block of `PREDICT_ROWS` rows at a time (scalers' float64 copies and activations stay bounded)."
+    if len(X) <= PREDICT_ROWS: return predict(X)
+    parts = [predict(X.iloc[a:a + PREDICT_ROWS]) for a in range(0, len(X), PREDICT_ROWS)]
+    return pd.concat(parts) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts)
+
 def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None) -> dict:
     "The ensemble members' predictions of `target` on `X`: lightgbm, the network's head, ridge (where trained)."
     out = {}
-    if target in fits.lightgbm: out['lightgbm'] = fits.lightgbm[target].predict(X)
+    if target in fits.lightgbm: out['lightgbm'] = in_blocks(fits.lightgbm[target].predict, X)
     if fits.multitask is not None and target in fits.multitask.heads:
-        out['multitask'] = (mt_pred if mt_pred is not None else fits.multitask.predict(X))[target].to_numpy(float)
-    if target in fits.ridge: out['ridge'] = fits.ridge[target].predict(X)
+        out['multitask'] = (mt_pred if mt_pred is not None else in_blocks(fits.multitask.predict, X))[target].to_numpy(float)
+    if target in fits.ridge: out['ridge'] = in_blocks(fits.ridge[target].predict, X)
     return out
 
 # %% ../../nbs/509_phases.training.ipynb #e67dc8a8
@@ -128,7 +137,7 @@ def predict_all(fits: Fits, X: pd.DataFrame, F: pd.DataFrame | StoreRows | Featu
     models, out, F = set(model_list), {}, _raw_features(F)
     valid = None if split is None else np.asarray(split).astype(str) == 'valid'
     if valid is not None and timestamps is None: raise PipelineError('predict_all needs the timestamps with the split')
-    mt_pred = fits.multitask.predict(X) if fits.multitask is not None else None
+    mt_pred = in_blocks(fits.multitask.predict, X) if fits.multitask is not None else None
     for t in fits.ensemble or fits.lightgbm or fits.ridge:
         mem = member_predictions(fits, t, X, mt_pred)
         for name, p in mem.items():
