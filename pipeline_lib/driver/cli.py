@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 
 from ..core.config import PipelineError
@@ -69,6 +70,8 @@ def main(argv=None) -> int:
     "The `run_notebooks.py` command line; returns the exit status."
     args = build_parser().parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
+    # the kernels inherit it: OpenMP threads (LightGBM) then sleep instead of spinning while they wait for work
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     try:
         if args.list:
             list_everything(nbs_dir=args.nbs_dir, reports_dir=args.reports_dir)
