@@ -21,7 +21,7 @@ from . import (families_qlib, families_classic, families_returns,  # noqa: F401
                                    families_sessions, families_cross_section)
 
 # %% auto #0
-__all__ = ['build_features', 'cross_section_config', 'build_cross_section', 'random_bars']
+__all__ = ['build_features', 'random_bars', 'cross_section_config', 'build_cross_section']
 
 # %% ../../nbs/209_features.build.ipynb #83c0b961
 def _check_bars(bars: pd.DataFrame, user_columns=()):
@@ -113,6 +113,25 @@ def _build(bars, cfg, names, warm, cross_section=None):
     del ctx
     return pd.DataFrame(out, columns=names, index=bars.index, copy=False)
 
+# %% ../../nbs/209_features.build.ipynb #514725eb
+def random_bars(n_symbols: int = 5, n_rows: int = 2000, seed: int = 0, start: str = '2024-01-02 09:30',
+                bars_per_session: int = 390) -> pd.DataFrame:
+    "Random-walk 1-minute canonical bars for checks and benchmarks (sessions of `bars_per_session` bars from 09:30, weekdays)."
+    rng = np.random.default_rng(seed)
+    days = pd.bdate_range(start[:10], periods=n_rows // bars_per_session + 2)
+    t0 = pd.Timedelta(start[11:] + ':00') if len(start) > 10 else pd.Timedelta('09:30:00')
+    ts = (days.values[:, None] + (t0 + pd.to_timedelta(np.arange(bars_per_session), 'min')).values[None, :]).ravel()[:n_rows]
+    frames = []
+    for s in range(n_symbols):
+        r = rng.standard_t(4, n_rows) * 0.0008
+        close = 20 * (1 + 4 * s) * np.exp(np.cumsum(r))
+        op = np.r_[close[0], close[:-1]] * np.exp(rng.normal(0, 0.0002, n_rows))
+        hi = np.maximum(op, close) * np.exp(np.abs(rng.normal(0, 0.0005, n_rows)))
+        lo = np.minimum(op, close) * np.exp(-np.abs(rng.normal(0, 0.0005, n_rows)))
+        vol = np.round(rng.lognormal(8, 1, n_rows))
+        frames.append(pd.DataFrame({'symbol': f'S{s:02d}', 'timestamp': ts, 'open': op, 'high': hi, 'low': lo, 'close': close, 'volume': vol}))
+    return pd.concat(frames, ignore_index=True)
+
 # %% ../../nbs/209_features.build.ipynb #cfc869eb
 def cross_section_config(config: dict | None = None) -> dict:
     "The normalised feature `config` cut down to its cross-sectional families (and no user columns)."
@@ -132,22 +151,3 @@ def _check_cross_section(cross_section, cfg, n_rows):
     if missing or len(cross_section) != n_rows:
         raise FeatureError(f'cross_section must hold the columns {want[:3]}... for all {n_rows:,} rows; '
                            f'it has {len(cross_section):,} rows and lacks {missing[:3]}')
-
-# %% ../../nbs/209_features.build.ipynb #514725eb
-def random_bars(n_symbols: int = 5, n_rows: int = 2000, seed: int = 0, start: str = '2024-01-02 09:30',
-                bars_per_session: int = 390) -> pd.DataFrame:
-    "Random-walk 1-minute canonical bars for checks and benchmarks (sessions of `bars_per_session` bars from 09:30, weekdays)."
-    rng = np.random.default_rng(seed)
-    days = pd.bdate_range(start[:10], periods=n_rows // bars_per_session + 2)
-    t0 = pd.Timedelta(start[11:] + ':00') if len(start) > 10 else pd.Timedelta('09:30:00')
-    ts = (days.values[:, None] + (t0 + pd.to_timedelta(np.arange(bars_per_session), 'min')).values[None, :]).ravel()[:n_rows]
-    frames = []
-    for s in range(n_symbols):
-        r = rng.standard_t(4, n_rows) * 0.0008
-        close = 20 * (1 + 4 * s) * np.exp(np.cumsum(r))
-        op = np.r_[close[0], close[:-1]] * np.exp(rng.normal(0, 0.0002, n_rows))
-        hi = np.maximum(op, close) * np.exp(np.abs(rng.normal(0, 0.0005, n_rows)))
-        lo = np.minimum(op, close) * np.exp(-np.abs(rng.normal(0, 0.0005, n_rows)))
-        vol = np.round(rng.lognormal(8, 1, n_rows))
-        frames.append(pd.DataFrame({'symbol': f'S{s:02d}', 'timestamp': ts, 'open': op, 'high': hi, 'low': lo, 'close': close, 'volume': vol}))
-    return pd.concat(frames, ignore_index=True)
