@@ -317,3 +317,29 @@ def test_a_build_killed_mid_way_leaves_nothing_a_later_run_would_use(five_symbol
     assert len(built) == len(store.partitions) - 2, 'only the missing partitions are built'
     pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)
     assert [n for n in os.listdir(store.path) if '.tmp-' in n] == [], "the killed process's temp file is swept"
+
+
+_UNGUARDED_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from synthetic import realistic_bars
+from pipeline_lib.core.executor import local_executor
+from pipeline_lib.features import store as fc
+with local_executor(2) as pool:   # no `if __name__ == '__main__':`: each spawned process runs this file again
+    s = fc.build_store(realistic_bars(5, 900, seed=11), cache_dir={cache!r}, partition_rows=1000, executor=pool,
+                       progress=False)
+print('ROWS', s.n_rows)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_still_gets_its_store(five_symbols, tmp_path):
+    "Spawned processes re-run an unguarded script and the pool breaks; the build warns and finishes in the process."
+    b, whole = five_symbols
+    script = tmp_path / 'unguarded.py'
+    script.write_text(_UNGUARDED_SCRIPT.format(tests=str(Path(__file__).parent), cache=str(tmp_path / 'cache')))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'ROWS {len(b)}' in proc.stdout and "__name__ == '__main__'" in proc.stderr
+    store = fc.open_store(fc.cache_key(b), tmp_path / 'cache')
+    pd.testing.assert_frame_equal(store.read().set_axis(b.index), whole, check_exact=True)

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,11 +234,21 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     parts = plan_partitions(_symbol_starts(bars), len(bars), partition_rows)
     t0 = time.perf_counter()
     cs = _features.build_cross_section(bars, cfg) if len(parts) > 1 and cross_section_config(cfg)['families'] else None
-    tasks = (dict(path=str(path / partition_name(lo, hi)), lo=lo, hi=hi, history_lo=h, config=cfg,
-                  bars=bars.iloc[h:hi].reset_index(drop=True),
-                  cross_section=None if cs is None else cs.iloc[h:hi].reset_index(drop=True)) for lo, hi, h in parts)
-    infos = run_tasks(_build_partition, tasks, executor=executor if len(parts) > 1 else None, total=len(parts), desc='feature partitions',
-                      unit='partition', progress=progress)
+    def tasks():   # made one at a time, as the executor takes them: a partition's bars are copied only then
+        return (dict(path=str(path / partition_name(lo, hi)), lo=lo, hi=hi, history_lo=h, config=cfg,
+                     bars=bars.iloc[h:hi].reset_index(drop=True),
+                     cross_section=None if cs is None else cs.iloc[h:hi].reset_index(drop=True)) for lo, hi, h in parts)
+    try:
+        infos = run_tasks(_build_partition, tasks(), executor=executor if len(parts) > 1 else None, total=len(parts),
+                          desc='feature partitions', unit='partition', progress=progress)
+    except BrokenProcessPool as e:
+        # A spawned process imports the caller's script again: one without `if __name__ == '__main__':` re-runs
+        # itself there and the pool breaks. The partitions already written verify and are kept.
+        log.warning('the process pool broke (%s): a script that builds features on several processes needs '
+                    "`if __name__ == '__main__':` around its work (or set compute.processes: 1); building the "
+                    'remaining partitions in this process', e)
+        infos = run_tasks(_build_partition, tasks(), total=len(parts), desc='feature partitions', unit='partition',
+                          progress=progress)
     columns = infos[0]['columns']
     if any(i['columns'] != columns for i in infos):   # partitions of a store from another feature library version
         raise FeatureCacheError(f'partitions of store {key} disagree on their columns; delete {path} and rebuild')
