@@ -34,7 +34,7 @@ __all__ = ['log', 'PARQUET_OPTIONS', 'FeatureCacheError', 'data_fingerprint', 'c
 
 # %% ../../nbs/210_features.store.ipynb #c29b7484
 class FeatureCacheError(PipelineError):
-    "A cache entry that cannot be trusted (missing, truncated, hash mismatch, wrong shape); `cached_features` rebuilds it."
+    "A store or partition that cannot be trusted (missing, unfinished, truncated, hash mismatch, wrong shape); `cached_store` rebuilds it."
 
 def _column_bytes(values) -> bytes | memoryview:
     "The bytes that identify one column's (or the index's) values."
