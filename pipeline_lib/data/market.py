@@ -18,6 +18,7 @@ from scipy.signal import lfilter
 
 from ..core.atomic import atomic_write, atomic_write_json, read_json
 from ..core.config import PipelineError, config_defaults, load_settings
+from ..core.errors import ArtifactError
 from ..core.writer import sha256_file
 from .load import BAR_COLUMNS
 
@@ -322,7 +323,8 @@ def cached_market(cache_dir=None, **kw) -> tuple[pd.DataFrame, pd.DataFrame]:
     path = folder / f'{_market_key(kw)}.parquet'
     side = path.with_suffix('.json')
     if path.exists() and side.exists():
-        info = read_json(side, 'market sidecar')
+        try: info = read_json(side, 'market sidecar')
+        except ArtifactError: info = {}   # damaged: simulated again and rewritten below
         if info.get('sha256') == sha256_file(path):
             both = pd.read_parquet(path)
             return both[BAR_COLUMNS].astype({'symbol': 'str'}), both[['oracle', 'oracle_bound']]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import pipeline_lib.features as _features   # the feature API through the package: one place to read (or patch) it
-from ..core.config import PipelineError, load_settings
+from ..core.config import PipelineError, config_defaults, load_settings
 from ..core.atomic import atomic_write, atomic_write_json, sweep_dead_temps
 from ..core.executor import run_tasks
 from ..core.writer import sha256_file
@@ -215,11 +215,13 @@ def _build_partition(task: dict) -> dict:
     frame = frame.iloc[task['lo'] - task['history_lo']:].reset_index(drop=True)
     return write_partition(frame, path, lo=task['lo'], hi=task['hi'])
 
+_PARTITION_ROWS = config_defaults('compute')['partition_rows']   # the YAML's default
+
 def _symbol_starts(bars: pd.DataFrame) -> np.ndarray:
     codes = pd.factorize(bars['symbol'])[0]
     return np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]]) if len(codes) else np.zeros(0, np.int64)
 
-def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, *, partition_rows: int = 250_000,
+def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, *, partition_rows: int = _PARTITION_ROWS,
                 executor=None, progress: bool = True, fingerprint: str | None = None) -> FeatureStore:
     """Build (or finish) the partitioned store of `bars`' features under `config` and return it. With more than one
     partition the cross-sectional families go first, over every row; then each partition is built from its own bars
@@ -253,10 +255,9 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     if any(i['columns'] != columns for i in infos):   # partitions of a store from another feature library version
         raise FeatureCacheError(f'partitions of store {key} disagree on their columns; delete {path} and rebuild')
     manifest = {'key': key, 'rows': int(len(bars)), 'columns': columns, 'partition_rows': int(partition_rows),
-                'partitions': [{k: i[k] for k in ('file', 'lo', 'hi', 'rows', 'bytes', 'sha256', 'columns')} for i in infos],
+                'partitions': [{k: i[k] for k in ('file', 'lo', 'hi', 'rows', 'bytes', 'sha256')} for i in infos],
                 'data_fingerprint': fingerprint, 'feature_config': cfg,
                 'library_version': str(_features.FEATURE_LIBRARY_VERSION), 'build_seconds': round(time.perf_counter() - t0, 3)}
-    for p in manifest['partitions']: del p['columns']   # the store's columns, checked against each partition on open
     atomic_write_json(path / 'manifest.json', manifest, indent=1)
     keep = {i['file'] for i in infos}
     for stray in path.glob('part-*.*'):   # partitions of an earlier plan (another partition_rows)
@@ -265,13 +266,13 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
 
 # %% ../../nbs/210_features.store.ipynb #89051bac
 def cached_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, progress: bool = True, *,
-                 partition_rows: int = 250_000, executor=None) -> FeatureStore:
+                 partition_rows: int = _PARTITION_ROWS, executor=None, fingerprint: str | None = None) -> FeatureStore:
     """The verified store of `bars`' features under `config`: opened when `<cache_dir>/features/<key>/` holds one,
     else built (a bad or unfinished one is logged and rebuilt, keeping its verified partitions). `OSError` when the
-    cache cannot be written."""
+    cache cannot be written. `fingerprint`: `data_fingerprint(bars)`, when the caller has it."""
     say = print if progress else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    fingerprint = data_fingerprint(bars)
+    fingerprint = fingerprint or data_fingerprint(bars)
     key = cache_key(bars, config, fingerprint=fingerprint)
     try:
         store = open_store(key, cache_dir, rows=len(bars))
@@ -288,7 +289,7 @@ def cached_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None,
     return store
 
 def cached_features(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, progress: bool = True, *,
-                    partition_rows: int = 250_000, executor=None) -> pd.DataFrame:
+                    partition_rows: int = _PARTITION_ROWS, executor=None) -> pd.DataFrame:
     """`build_features(bars, config)` in memory, read from its verified store (`cached_store`); built without the
     cache, with a warning, when the cache cannot be written."""
     try: store = cached_store(bars, config, cache_dir, progress, partition_rows=partition_rows, executor=executor)

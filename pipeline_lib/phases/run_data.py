@@ -158,17 +158,17 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t['split'] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    compute, store, frame = cfg['compute'], None, None
+    compute, store, frame, fingerprint = cfg['compute'], None, None, data_fingerprint(bars)
     try:
         with local_executor(compute['processes']) as executor:
             store = cached_store(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress,
-                                 partition_rows=int(compute['partition_rows']), executor=executor)
+                                 partition_rows=int(compute['partition_rows']), executor=executor, fingerprint=fingerprint)
     except OSError as e:
         log.warning('could not store features under %s (%s); building them in memory without the cache', cache_dir, e)
         frame = build_features(bars, cfg.get('features'))
     t['features'] = time.perf_counter() - t0
     return RunData(bars=bars, store=store, frame=frame, targets=targets, split=split, interval=interval, source=source,
-                   fingerprint=data_fingerprint(bars), oracle=oracle, oracle_target=oracle_target,
+                   fingerprint=fingerprint, oracle=oracle, oracle_target=oracle_target,
                    oracle_note=oracle_note, timings=t, loading=loading)
 
 # %% ../../nbs/501_phases.run_data.ipynb #ffe0b9fa
