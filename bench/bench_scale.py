@@ -6,6 +6,7 @@ its stores use, and the best model's test IC as a fraction of the oracle's.
     .venv/bin/python bench/bench_scale.py                          # 10x40, 50x50, 100x100, 250x100 (symbols x days)
     .venv/bin/python bench/bench_scale.py --sizes 10x40,50x50      # the small ones, while developing
     .venv/bin/python bench/bench_scale.py --sizes 500x100 --stages features,phase1,phase2   # 49M rows, no Phase 3
+    .venv/bin/python bench/bench_scale.py --sizes 250x100 --set phase3.max_eval_predictions=200000   # a declared cap
 
 Targets (DESIGN section 6; this 2-core, 24 GB machine): 10M rows end to end in <= 40 min, whole-run peak RSS
 <= 8 GB, time per row at 10M within 1.5x of that at 1M, the all-features baseline included. The growth exponent of
@@ -30,15 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ('features', 'phase1', 'phase2', 'phase3')
 TARGET_S, TARGET_RSS, TARGET_PER_ROW_X = 40 * 60, 8 * 2**30, 1.5
 
-# One stage, run as `python -c STAGE_SCRIPT <stage> <n_symbols> <n_days> <root>`: the data (cached features on a
-# hit), then the phase, writing metrics.json under <root>/reports.
+# One stage, run as `python -c STAGE_SCRIPT <stage> <n_symbols> <n_days> <root> <overrides as JSON>`: the data (cached
+# features on a hit), then the phase, writing metrics.json under <root>/reports.
 STAGE_SCRIPT = r'''
 import sys, json
 from pathlib import Path
 from pipeline_lib.core.config import load_config
 from pipeline_lib.phases.run_data import prepare_run_data
+from pipeline_lib.core.config import deep_merge
 stage, n_sym, n_days, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
-cfg = load_config(overrides={'data': {'market': {'n_symbols': n_sym, 'n_days': n_days}}})
+cfg = load_config(overrides=deep_merge(json.loads(sys.argv[5]), {'data': {'market': {'n_symbols': n_sym, 'n_days': n_days}}}))
 rd = prepare_run_data(cfg, cache_dir=root / 'cache')
 kw = dict(artifact_root=root / 'artifacts', reports_dir=root / 'reports', run_data=rd)
 if stage == 'phase1':
@@ -63,11 +65,12 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log) -> dict:
+def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: dict | None = None) -> dict:
     "Wall seconds and the peak tree RSS of one stage, its output appended to `log`."
     t0 = time.perf_counter()
     env = {**os.environ, 'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'PASSIVE'), 'IN_TEST': '1'}
-    proc = subprocess.Popen([sys.executable, '-c', STAGE_SCRIPT, stage, str(n_sym), str(n_days), str(root)],
+    proc = subprocess.Popen([sys.executable, '-c', STAGE_SCRIPT, stage, str(n_sym), str(n_days), str(root),
+                             json.dumps(overrides or {})],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak, stop = [0], threading.Event()
     def sample():
@@ -105,11 +108,18 @@ def main(argv=None) -> int:
     ap.add_argument('--stages', default=','.join(STAGES), help=f'a subset of {",".join(STAGES)}, in order')
     ap.add_argument('--keep', action='store_true', help="keep each size's stores and artifacts")
     ap.add_argument('--json', type=Path, help='also write the figures to this JSON file')
+    ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
+                    help='override one config key at every size, as run_notebooks.py --set does (repeatable)')
     a = ap.parse_args(argv)
+    from pipeline_lib.core.config import deep_merge
+    from pipeline_lib.driver.schema import nest, parse_assignment
+    overrides = {}
+    for text in a.sets: overrides = deep_merge(overrides, nest(*parse_assignment(text)))
     sizes = [tuple(int(v) for v in s.split('x')) for s in a.sizes.split(',')]
     stages = [s for s in a.stages.split(',') if s]
     if bad := [s for s in stages if s not in STAGES]: ap.error(f'unknown stages {bad}')
-    print(f'bench_scale: sizes {a.sizes}, stages {",".join(stages)}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}')
+    print(f'bench_scale: sizes {a.sizes}, stages {",".join(stages)}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}'
+          + (f', overrides {json.dumps(overrides)}' if overrides else ''))
     results = []
     for n_sym, n_days in sizes:
         root = ROOT / '.cache' / 'bench_scale' / f'{n_sym}x{n_days}'
@@ -118,14 +128,14 @@ def main(argv=None) -> int:
         with open(root.with_suffix('.log'), 'w') as log:
             stage_res = []
             for st in stages:
-                r = run_stage(st, n_sym, n_days, root, log); stage_res.append(r)
+                r = run_stage(st, n_sym, n_days, root, log, overrides); stage_res.append(r)
                 print(f'  {n_sym}x{n_days} {st:8s} {r["seconds"]:8.1f} s  peak RSS {gb(r["peak_rss"])}' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]} (see {root.with_suffix(".log")})'), flush=True)
                 if r['rc'] != 0: break
         mpath = root / 'reports' / 'metrics.json'
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
         rows = sum((metrics.get('phase1') or {}).get('rows', {}).values()) if metrics.get('phase1') else None
         best, ic, oracle = best_vs_oracle(metrics)
-        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'rows': rows or n_sym * n_days * 390,
+        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'overrides': overrides, 'rows': rows or n_sym * n_days * 390,
                'stages': stage_res, 'seconds': sum(r['seconds'] for r in stage_res),
                'peak_rss': max(r['peak_rss'] for r in stage_res), 'ok': all(r['rc'] == 0 for r in stage_res),
                'store_bytes': disk_bytes(root / 'cache' / 'features'), 'artifact_bytes': disk_bytes(root / 'artifacts'),
