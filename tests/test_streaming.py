@@ -1,5 +1,6 @@
 """Phase 1 on an honest sample of the training rows, and the transform streamed a partition at a time."""
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,3 +86,49 @@ def test_streamed_transform_equals_one_call_on_the_whole_frame(quick_data, tmp_p
     n = ft.n_selected_
     assert np.array_equal(part[:, :n], whole[rows, :n]) and np.array_equal(part[:, -1], whole[rows, -1])
     np.testing.assert_allclose(part[:, n:-1], whole[rows, n:-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_phase1_writes_the_compact_store_that_later_phases_map_and_a_new_fit_gets_its_own(tmp_path):
+    """Phase 1 streams its N + 11 columns into the compact store keyed by its manifest hash; the transformer that
+    Phases 2 and 3 load finds that same file (not rebuilt) with the same values. Another Phase 1 manifest gets another
+    store; a feature store keeps its two most recent; a damaged file or one without its sidecar is rebuilt, never read."""
+    import os, time
+    from pipeline_lib.core.writer import manifest_sha256
+    from pipeline_lib.phases.phase1 import load_phase1, run_phase1
+    from pipeline_lib.phases.streaming import COMPACT_FILE, COMPACT_META, compact_dir, compact_rows
+    cfg = load_config(QUICK)
+    rd = prepare_run_data(cfg, cache_dir=tmp_path / 'cache', progress=False)
+    res = run_phase1(cfg, artifact_root=tmp_path / 'run', run_data=rd, progress=False)
+    folder = compact_dir(res.transformer, rd)
+    assert folder.parent == tmp_path / 'cache' / 'compact' and (folder / COMPACT_META).exists()
+    written = (folder / COMPACT_FILE).stat().st_mtime_ns
+    ft = load_phase1(tmp_path / 'run' / 'metadata', cfg, 2, rd.fingerprint)
+    X = compact_rows(ft, rd)
+    assert isinstance(X, np.memmap) and Path(X.filename) == folder / COMPACT_FILE
+    assert (folder / COMPACT_FILE).stat().st_mtime_ns == written, 'the compact store was rebuilt instead of mapped'
+    expected = res.transformed.to_numpy(np.float32, copy=True)   # not a view of the mapped file damaged below
+    assert np.array_equal(X, expected, equal_nan=True)
+    assert np.array_equal(X, ft.transform(rd.features).to_numpy(np.float32), equal_nan=True)
+    del X
+
+    # a damaged file is refused and rebuilt; a file without its sidecar (a build killed in between) is never read
+    with open(folder / COMPACT_FILE, 'r+b') as f: f.seek(-4, os.SEEK_END); f.write(np.float32(123.0).tobytes())
+    with pytest.warns(UserWarning, match='does not match the SHA-256'):
+        assert np.array_equal(compact_rows(ft, rd), expected, equal_nan=True)
+    (folder / COMPACT_META).unlink()
+    np.save(folder / COMPACT_FILE, np.zeros(expected.shape, np.float32))
+    assert np.array_equal(compact_rows(ft, rd), expected, equal_nan=True)
+
+    # other Phase 1 manifests (here the same fit saved under other run names) key other stores; two are kept
+    folders = [folder]
+    for k in range(3):
+        time.sleep(0.01)
+        other = load_phase1(tmp_path / 'run' / 'metadata', cfg, 2, rd.fingerprint)
+        meta = dict(other.manifest_['meta'], run_name=f'other{k}')
+        m = other.save(tmp_path / f'other{k}', meta)
+        other.manifest_sha256_ = manifest_sha256(tmp_path / f'other{k}', m)
+        compact_rows(other, rd)
+        folders.append(compact_dir(other, rd))
+    assert len(set(folders)) == 4
+    assert sorted(p.name for p in (tmp_path / 'cache' / 'compact').iterdir()) == sorted(f.name for f in folders[-2:])

@@ -308,9 +308,10 @@ def _phase1_meta(cfg: dict, rd, run_name: str | None, n_train: int) -> dict:
             'run_name': run_name, 'n_train_rows': int(n_train), 'interval': str(rd.interval),
             'universe': sorted(rd.bars['symbol'].astype(str).unique())}   # cross-sectional features depend on it
 
-def _transform_all(ft: FeatureTransformer, rd, tr: np.ndarray) -> tuple[pd.DataFrame, dict]:
-    "(every row transformed, what `phase1_metrics` reports of it: active latent dimensions and regimes on the training rows `tr`, rows per split)."
-    out = transformed_frame(ft, rd)   # a store partition at a time
+def _transform_all(ft: FeatureTransformer, rd, tr: np.ndarray, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """(every row transformed, what `phase1_metrics` reports of it: active latent dimensions and regimes on the
+    training rows `tr`, rows per split). A saved `ft` writes the compact store that Phases 2 and 3 map."""
+    out = transformed_frame(ft, rd, progress=progress)   # a store partition at a time
     z = out[[c for c in out.columns if c.startswith('vae_')]].to_numpy()[tr]
     return out, {'active_dims': int((z.var(0) > 0.05).sum()), 'regimes': _regime_report(ft, rd, out['regime'].to_numpy(), tr),
                  'rows': {s: int(len(rd.rows(s))) for s in ('train', 'valid', 'test')}}
@@ -341,8 +342,10 @@ def run_phase1(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     run.timings.update({f'fit_{k}': v for k, v in ft.timings_.items() if k != 'total'})
     run.say(f'phase 1: {ft.selection_.message}')
     run.say(f'phase 1: fit {run.timings["fit"]:.1f} s ({", ".join(f"{k} {v:.1f} s" for k, v in ft.timings_.items() if k != "total")})')
-    with run.step('transform'): out, extra = _transform_all(ft, rd, tr)
-    with run.step('save'): manifest = ft.save(metadata_dir, _phase1_meta(cfg, rd, run_name, len(tr)))
+    with run.step('save'):
+        manifest = ft.save(metadata_dir, _phase1_meta(cfg, rd, run_name, len(tr)))
+        ft.manifest_sha256_ = manifest_sha256(metadata_dir, manifest)   # the key of the compact store written next
+    with run.step('transform'): out, extra = _transform_all(ft, rd, tr, progress)
     seconds = run.seconds
     metrics = phase1_metrics(ft, extra, seconds, run.timings)
     metrics['target'] = {'name': target, 'demeaned': demean}

@@ -309,7 +309,7 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
     model_list = [m for m in MODEL_NAMES if m in opts['models']]
     with run.step('phase1_transform'):
         ft = load_phase1(metadata_dir, cfg, 2, rd.fingerprint)
-        X = transformed_frame(ft, rd)   # a store partition at a time
+        X = transformed_frame(ft, rd, progress=progress)   # the compact store, memory-mapped
     run.say(f'phase 2: {X.shape[1]} Phase 1 features ({ft.n_selected_} selected + {X.shape[1] - ft.n_selected_ - 1} latent + regime) '
             f'vs {len(rd.feature_columns)} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
     with run.step('fit'):
@@ -318,8 +318,10 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
                           lgbm_targets, heads, progress)
     with run.step('predict'):
         scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
-        preds = predict_all(fits, X.iloc[scored], None if F is None else F.iloc[scored], model_list,
-                            split=rd.split.to_numpy()[scored], timestamps=rd.bars['timestamp'].to_numpy()[scored])
+        # every row, in blocks that are views of the mapped X (no copy of it), then the scored ones: the gap rows
+        # between splits are a few bars per symbol
+        preds = predict_all(fits, X, F, model_list, split=rd.split.to_numpy(), timestamps=rd.bars['timestamp'].to_numpy())
+        preds = {k: np.asarray(v)[scored] for k, v in preds.items()}
         frame = prediction_frame(rd, preds, scored, primary)
     with run.step('evaluate'):
         models, bts, checks, words = _evaluate(rd, frame, fits, cfg, opts, model_list, lgbm_targets, reports_dir, metadata_dir)

@@ -72,7 +72,7 @@ def model_options(name: str, opts: dict) -> dict:
 
 # %% ../../nbs/505_phases.phase3.ipynb #f1d25ec2
 from .phase1 import check_phase1, load_phase1, phase1_lineage  # shared with Phase 2
-from .streaming import transform_rows
+from .streaming import compact_rows
 
 
 # %% ../../nbs/505_phases.phase3.ipynb #41935100
@@ -336,7 +336,7 @@ def run_phase3(cfg: dict, *, data_dir=None, artifact_root=None, metadata_dir=Non
     primary = check_target(cfg['primary_target'], rd.targets.columns)
     with run.step('phase1_transform'):
         ft = load_phase1(metadata_dir, cfg, 3, rd.fingerprint)
-        X, cols = transform_rows(ft, rd), list(ft.get_feature_names_out())
+        X, cols = compact_rows(ft, rd, progress), list(ft.get_feature_names_out())   # memory-mapped
     L = int(opts['lookback'])
     y_fit, demean = _fitting_target(rd, cfg, primary)
     ends, rows, pred_rows, win = _windows(rd, rd.targets[primary].to_numpy(dtype=np.float64), L, opts)

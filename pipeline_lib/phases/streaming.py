@@ -7,12 +7,20 @@ partition at a time. Nothing holds all rows x all ~421 features."""
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
+
+from ..core.atomic import atomic_write, atomic_write_json, read_json, sweep_dead_temps
+from ..core.errors import ArtifactError
+from ..core.writer import sha256_file
 
 # %% auto #0
-__all__ = ['sample_training_rows', 'sample_note', 'transform_rows', 'transformed_frame']
+__all__ = ['COMPACT_FILE', 'COMPACT_META', 'COMPACT_KEEP', 'sample_training_rows', 'sample_note', 'transform_rows', 'compact_dir',
+           'open_compact', 'compact_rows', 'transformed_frame']
 
 # %% ../../nbs/511_phases.streaming.ipynb #a4784620
 def sample_training_rows(bars: pd.DataFrame, rows, max_rows: int | None, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -46,22 +54,86 @@ def sample_note(info: dict) -> str:
             f"{info['start']} to {info['end']}")
 
 # %% ../../nbs/511_phases.streaming.ipynb #3f7711dd
-def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000) -> np.ndarray:
+def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000, out: np.ndarray | None = None,
+                   progress: bool = False) -> np.ndarray:
     """`ft.transform` of the features of `rows` (increasing positions; all by default) as one C-contiguous float32
-    array (n, N + 11), computed a store partition (or `chunk_rows` rows) at a time, reading only the selected columns."""
+    array (n, N + 11), computed a store partition (or `chunk_rows` rows) at a time, reading only the selected columns.
+    `out`: an (n, N + 11) float32 array (e.g. a memory map) to fill instead of a new one."""
     cols = list(ft.selected_features_)
     out_cols = list(ft.get_feature_names_out())
     rows = np.arange(len(rd.bars), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
     if len(rows) > 1 and (np.diff(rows) <= 0).any(): raise ValueError('rows must be increasing positions')
-    out = np.empty((len(rows), len(out_cols)), np.float32)
+    if out is None: out = np.empty((len(rows), len(out_cols)), np.float32)
+    elif out.shape != (len(rows), len(out_cols)) or out.dtype != np.float32:
+        raise ValueError(f'out must be a float32 array of shape {(len(rows), len(out_cols))}, not {out.dtype} {out.shape}')
     if rd.store is not None: bounds = [(p['lo'], p['hi']) for p in rd.store.partitions]
     else: bounds = [(a, min(a + chunk_rows, len(rd.bars))) for a in range(0, len(rd.bars), chunk_rows)]
-    for lo, hi in bounds:
+    for lo, hi in tqdm(bounds, desc='Phase 1 transform', unit='partition', disable=not progress or len(bounds) < 2):
         a, b = np.searchsorted(rows, [lo, hi])
         if a < b: out[a:b] = ft.transform(rd.read_features(cols, rows[a:b])).to_numpy(np.float32)
     return out
 
-def transformed_frame(ft, rd, rows=None) -> pd.DataFrame:
-    "`transform_rows` as a DataFrame with the transformer's output columns, indexed by row position."
-    index = None if rows is None else pd.Index(np.asarray(rows, np.int64))
-    return pd.DataFrame(transform_rows(ft, rd, rows), columns=list(ft.get_feature_names_out()), index=index, copy=False)
+# %% ../../nbs/511_phases.streaming.ipynb #81fb3c88
+COMPACT_FILE, COMPACT_META, COMPACT_KEEP = 'transformed.npy', 'transformed.json', 2
+
+def compact_dir(ft, rd) -> Path | None:
+    """The compact store's folder for Phase 1 transformer `ft` over the rows of `rd`:
+    `<cache>/compact/<feature store key>-<Phase 1 manifest sha256[:16]>`. None without a feature store on disk, or
+    for a transformer that was never saved (it has no manifest hash to key on)."""
+    sha = getattr(ft, 'manifest_sha256_', None)
+    if rd.store is None or not sha: return None
+    return rd.store.path.parent.parent / 'compact' / f'{rd.store.path.name}-{sha[:16]}'
+
+def open_compact(folder, columns=None) -> np.ndarray | None:
+    """The compact store in `folder` as a copy-on-write memory map, after its SHA-256 matches the sidecar's; None
+    when it is missing, damaged or holds other `columns` (with a warning for a damaged one: it will be rebuilt)."""
+    folder = Path(folder)
+    path, meta_path = folder / COMPACT_FILE, folder / COMPACT_META
+    if not (path.exists() and meta_path.exists()): return None
+    try: meta = read_json(meta_path, 'compact store sidecar')
+    except ArtifactError as e:
+        warnings.warn(f'{e}; rebuilding the compact store', stacklevel=2); return None
+    if columns is not None and list(meta.get('columns') or []) != list(columns): return None
+    if sha256_file(path) != meta.get('sha256'):
+        warnings.warn(f'{path} does not match the SHA-256 in {meta_path.name} (damaged or replaced); rebuilding it', stacklevel=2)
+        return None
+    X = np.load(path, mmap_mode='c')
+    return X if X.shape == tuple(meta['shape']) and X.dtype == np.float32 else None
+
+# %% ../../nbs/511_phases.streaming.ipynb #ce8c9d73
+def _prune_compact(folder: Path, keep: int = COMPACT_KEEP):
+    "Delete all but the `keep` most recently written compact stores of `folder`'s feature store (`folder` is kept)."
+    store_key = folder.name.rsplit('-', 1)[0]
+    others = sorted((d for d in folder.parent.glob(f'{store_key}-*') if d.is_dir() and d != folder),
+                    key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in others[keep - 1:]:
+        for f in d.iterdir(): f.unlink(missing_ok=True)
+        d.rmdir()
+
+def compact_rows(ft, rd, progress: bool = False) -> np.ndarray:
+    """Every row's N + 11 columns: the verified compact store on disk, memory-mapped (streamed into it partition by
+    partition on first use), or one array in memory when there is no feature store on disk or `ft` was never saved."""
+    folder = compact_dir(ft, rd)
+    if folder is None: return transform_rows(ft, rd, progress=progress)
+    columns = [str(c) for c in ft.get_feature_names_out()]
+    if (X := open_compact(folder, columns)) is not None: return X
+    folder.mkdir(parents=True, exist_ok=True)
+    sweep_dead_temps(folder)
+    shape = (len(rd.bars), len(columns))
+    def write(tmp):
+        out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=shape)
+        transform_rows(ft, rd, out=out, progress=progress)
+        out.flush(); del out
+    path = atomic_write(folder / COMPACT_FILE, write)
+    atomic_write_json(folder / COMPACT_META, {'sha256': sha256_file(path), 'shape': list(shape), 'columns': columns,
+                                              'phase1_manifest_sha256': ft.manifest_sha256_, 'feature_store': rd.store.path.name})
+    _prune_compact(folder)
+    return np.load(path, mmap_mode='c')
+
+# %% ../../nbs/511_phases.streaming.ipynb #861c41bf
+def transformed_frame(ft, rd, rows=None, progress: bool = False) -> pd.DataFrame:
+    """The N + 11 columns of `rows` (all by default: `compact_rows`, memory-mapped) as a DataFrame with the
+    transformer's output columns, indexed by row position (a default index for all rows)."""
+    if rows is None: X, index = compact_rows(ft, rd, progress), None
+    else: X, index = transform_rows(ft, rd, rows), pd.Index(np.asarray(rows, np.int64))
+    return pd.DataFrame(X, columns=list(ft.get_feature_names_out()), index=index, copy=False)
