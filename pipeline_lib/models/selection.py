@@ -34,7 +34,6 @@ def synthetic_panel(n_rows: int = 20_000, n_features: int = 20, *, n_symbols: in
     steps = pd.Timestamp(start) - pd.Timestamp(start).normalize() + pd.to_timedelta(np.arange(bars_per_day), unit='min')
     slots = (days.values.astype('datetime64[ns]')[:, None] + steps.to_numpy()[None, :]).ravel()[:per]
     phis = rng.uniform(0.0, 0.98, n_features)
-    cols = {}
     X = np.empty((per * n_symbols, n_features), np.float64)
     for j in range(n_features):
         e = rng.standard_normal((n_symbols, per)) * math.sqrt(1 - phis[j] ** 2)
