@@ -184,6 +184,24 @@ def test_unwritable_cache_still_returns_features(bars, tmp_path, counted_build, 
     assert any('could not store' in r.getMessage() for r in caplog.records)
 
 
+def test_a_store_that_would_not_fit_on_disk_is_refused_before_anything_is_written(bars, tmp_path, counted_build, monkeypatch):
+    """The estimate (rows x columns x STORE_BYTES_PER_VALUE) is checked against the free space first: a clear
+    DiskSpaceError naming the folder, no partition, no empty folder, and no fall-back to building in memory (which
+    is what an OSError from a full disk would get)."""
+    import shutil
+    from pipeline_lib.core import atomic
+    from pipeline_lib.core.errors import DiskSpaceError
+    need = len(bars) * len(F.feature_names()) * fc.STORE_BYTES_PER_VALUE
+    real = shutil.disk_usage
+    monkeypatch.setattr(atomic.shutil, 'disk_usage', lambda p: real(p)._replace(free=int(need + 2**30 - 1)))
+    with pytest.raises(DiskSpaceError, match=r'feature store of 800 rows needs about .* GiB under .*features'):
+        fc.cached_store(bars, cache_dir=tmp_path, progress=False)
+    assert counted_build == [] and _entry_files(tmp_path) == []
+    assert not fc.store_dir(fc.cache_key(bars), tmp_path).exists()
+    monkeypatch.setattr(atomic.shutil, 'disk_usage', lambda p: real(p)._replace(free=int(need + 2**30 + 1)))
+    assert fc.cached_store(bars, cache_dir=tmp_path, progress=False).n_rows == len(bars)
+
+
 def test_concurrent_writers_never_expose_a_partial_file(tmp_path, monkeypatch):
     "Writers trickle their parquet out slowly; a reader polling the final name only ever sees complete files."
     bars = realistic_bars(3, 3000, seed=5)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 from collections.abc import Mapping
 from pathlib import Path, PurePath
 
@@ -21,11 +22,11 @@ import numpy as np
 import pandas as pd
 
 from .config import PipelineError, repo_root
-from .errors import ArtifactError
+from .errors import ArtifactError, DiskSpaceError
 
 # %% auto #0
 __all__ = ['finite_or_none', 'json_safe', 'json_dumps_safe', 'pid_alive', 'atomic_write', 'atomic_write_bytes',
-           'sweep_dead_temps', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic']
+           'sweep_dead_temps', 'atomic_write_json', 'dir_lock', 'read_json', 'merge_json_atomic', 'require_free_disk']
 
 # %% ../../nbs/004_core.atomic.ipynb #f1a7c0de
 def finite_or_none(v) -> float | None:
@@ -150,3 +151,17 @@ def _show(path) -> str:
     with contextlib.suppress(Exception):
         return str(path.resolve().relative_to(repo_root()))
     return str(path)
+
+# %% ../../nbs/004_core.atomic.ipynb #094aa678
+def require_free_disk(folder, need: float, what: str, spare: int = 2**30) -> int:
+    """Free bytes on the filesystem of `folder` (or of its nearest existing parent); `DiskSpaceError` when `need`
+    bytes for `what` would leave less than `spare`."""
+    probe = Path(folder).resolve()
+    while not probe.exists() and probe != probe.parent: probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need + spare > free:
+        raise DiskSpaceError(f'{what} needs about {need / 2**30:.1f} GiB under {_show(folder)}, but {free / 2**30:.1f} GiB '
+                             f'are free there (keeping {spare / 2**30:.0f} GiB spare); nothing was written. Free some space '
+                             '(old stores under .cache/ can be deleted), point cache_dir in settings.ini at a bigger disk, '
+                             'or run on fewer rows (--set data.max_rows=N or --set data.sample=0.5)')
+    return free

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .config import PipelineError
 
 # %% auto #0
-__all__ = ['ArtifactError', 'ArtifactVersionError', 'ArtifactWarning', 'DataError', 'DataWarning']
+__all__ = ['ArtifactError', 'ArtifactVersionError', 'ArtifactWarning', 'DiskSpaceError', 'DataError', 'DataWarning']
 
 # %% ../../nbs/003_core.errors.ipynb #8fd63925
 class ArtifactError(PipelineError):
@@ -19,6 +19,10 @@ class ArtifactVersionError(ArtifactError):
 
 class ArtifactWarning(UserWarning):
     "An artifact differs from what the caller expects in a way the caller chose to tolerate."
+
+class DiskSpaceError(PipelineError):
+    "A store about to be written would not fit in the free disk space; nothing was written. Not an `OSError`, so no caller mistakes it for an unwritable cache and falls back to building everything in memory."
+
 
 # %% ../../nbs/003_core.errors.ipynb #5a8bbf8a
 class DataError(PipelineError):

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 import pipeline_lib.features as _features   # the feature API through the package: one place to read (or patch) it
 from ..core.config import PipelineError, config_defaults, load_settings
-from ..core.atomic import atomic_write, atomic_write_json, sweep_dead_temps
+from ..core.atomic import atomic_write, atomic_write_json, require_free_disk, sweep_dead_temps
 from ..core.executor import run_tasks
 from ..core.writer import sha256_file
 from .build import _check_bars, cross_section_config
@@ -28,9 +28,9 @@ from .build import _check_bars, cross_section_config
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PARQUET_OPTIONS', 'FeatureCacheError', 'data_fingerprint', 'cache_key', 'feature_cache_dir', 'store_dir',
-           'partition_name', 'write_partition', 'verify_partition', 'plan_partitions', 'FeatureStore', 'open_store',
-           'build_store', 'cached_store', 'cached_features']
+__all__ = ['log', 'PARQUET_OPTIONS', 'STORE_BYTES_PER_VALUE', 'FeatureCacheError', 'data_fingerprint', 'cache_key',
+           'feature_cache_dir', 'store_dir', 'partition_name', 'write_partition', 'verify_partition', 'plan_partitions',
+           'FeatureStore', 'open_store', 'build_store', 'cached_store', 'cached_features']
 
 # %% ../../nbs/210_features.store.ipynb #c29b7484
 class FeatureCacheError(PipelineError):
@@ -76,6 +76,7 @@ def store_dir(key: str, cache_dir=None) -> Path:
 
 # %% ../../nbs/210_features.store.ipynb #1f6f1cb0
 PARQUET_OPTIONS = dict(compression='lz4', use_dictionary=False, use_byte_stream_split=True)
+STORE_BYTES_PER_VALUE = 3.2   # on disk with PARQUET_OPTIONS: 3.08 measured over 9.75M rows x 421 columns
 
 def _to_table(frame: pd.DataFrame) -> pa.Table:
     "An Arrow table sharing `frame`'s column buffers; NaN stays NaN (not null), so reading back is zero-copy."
@@ -231,6 +232,9 @@ def build_store(bars: pd.DataFrame, config: dict | None = None, cache_dir=None, 
     fingerprint = fingerprint or data_fingerprint(bars)
     key = cache_key(bars, cfg, fingerprint=fingerprint)
     path = store_dir(key, cache_dir)
+    kept = sum(f.stat().st_size for f in path.glob('part-*.parquet'))   # partitions a resumed build may keep
+    require_free_disk(path, len(bars) * len(_features.feature_names(cfg)) * STORE_BYTES_PER_VALUE - kept,
+                      f'The feature store of {len(bars):,} rows')
     path.mkdir(parents=True, exist_ok=True)
     sweep_dead_temps(path)
     parts = plan_partitions(_symbol_starts(bars), len(bars), partition_rows)

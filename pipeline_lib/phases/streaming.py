@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..core.atomic import atomic_write, atomic_write_json, read_json, sweep_dead_temps
+from ..core.atomic import atomic_write, atomic_write_json, read_json, require_free_disk, sweep_dead_temps
 from ..core.errors import ArtifactError
 from ..core.writer import sha256_file
 
@@ -117,9 +117,10 @@ def compact_rows(ft, rd, progress: bool = False) -> np.ndarray:
     if folder is None: return transform_rows(ft, rd, progress=progress)
     columns = [str(c) for c in ft.get_feature_names_out()]
     if (X := open_compact(folder, columns)) is not None: return X
+    shape = (len(rd.bars), len(columns))
+    require_free_disk(folder, shape[0] * shape[1] * 4, f'The compact store of {shape[0]:,} rows x {shape[1]} columns')
     folder.mkdir(parents=True, exist_ok=True)
     sweep_dead_temps(folder)
-    shape = (len(rd.bars), len(columns))
     def write(tmp):
         out = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.float32, shape=shape)
         transform_rows(ft, rd, out=out, progress=progress)
