@@ -7,6 +7,12 @@ its stores use, and the best model's test IC as a fraction of the oracle's.
     .venv/bin/python bench/bench_scale.py --sizes 10x40,50x50      # the small ones, while developing
     .venv/bin/python bench/bench_scale.py --sizes 500x100 --stages features,phase1,phase2   # 49M rows, no Phase 3
     .venv/bin/python bench/bench_scale.py --sizes 250x100 --set phase3.max_eval_predictions=200000   # a declared cap
+    .venv/bin/python bench/bench_scale.py --sizes 500x100 --files --stages features,phase1,phase2   # 49M rows from files
+
+`--files` reads each size from parquet files, as a researcher's own data comes (`--data-dir`), instead of the
+embedded market: the market is simulated in blocks of 100 symbols, each with its own seed, and written one file per
+block. The embedded simulator holds every symbol's paths at once (about 540 bytes a row: 26 GB at 49M rows), so
+500x100 needs it. There is no oracle for files, so no fraction of the oracle at such a size.
 
 Targets (DESIGN section 6; this 2-core, 24 GB machine): 10M rows end to end in <= 40 min, whole-run peak RSS
 <= 8 GB, time per row at 10M within 1.5x of that at 1M, the all-features baseline included. The growth exponent of
@@ -31,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ('features', 'phase1', 'phase2', 'phase3')
 TARGET_S, TARGET_RSS, TARGET_PER_ROW_X = 40 * 60, 8 * 2**30, 1.5
 
-# One stage, run as `python -c STAGE_SCRIPT <stage> <n_symbols> <n_days> <root> <overrides as JSON>`: the data (cached
-# features on a hit), then the phase, writing metrics.json under <root>/reports.
+# One stage, run as `python -c STAGE_SCRIPT <stage> <n_symbols> <n_days> <root> <overrides as JSON> <data dir or ''>`:
+# the data (cached features on a hit), then the phase, writing metrics.json under <root>/reports.
 STAGE_SCRIPT = r'''
 import sys, json
 from pathlib import Path
@@ -41,7 +47,7 @@ from pipeline_lib.phases.run_data import prepare_run_data
 from pipeline_lib.core.config import deep_merge
 stage, n_sym, n_days, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 cfg = load_config(overrides=deep_merge(json.loads(sys.argv[5]), {'data': {'market': {'n_symbols': n_sym, 'n_days': n_days}}}))
-rd = prepare_run_data(cfg, cache_dir=root / 'cache')
+rd = prepare_run_data(cfg, data_dir=sys.argv[6] or None, cache_dir=root / 'cache')
 kw = dict(artifact_root=root / 'artifacts', reports_dir=root / 'reports', run_data=rd)
 if stage == 'phase1':
     from pipeline_lib.phases.phase1 import run_phase1; run_phase1(cfg, **kw)
@@ -65,12 +71,29 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: dict | None = None) -> dict:
+# The market of `--files`: blocks of 100 symbols, each simulated with its own seed, one parquet file per block.
+FILES_SCRIPT = r'''
+import sys
+from pathlib import Path
+from pipeline_lib.data.market import make_market
+n_sym, n_days, out, block = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), 100
+out.mkdir(parents=True, exist_ok=True)
+for k, lo in enumerate(range(0, n_sym, block)):
+    bars, _ = make_market(seed=1000 + k, n_symbols=min(block, n_sym - lo), n_days=n_days)
+    bars['symbol'] = f'B{k:02d}_' + bars['symbol'].astype(str)
+    bars.to_parquet(out / f'block{k:02d}.parquet', index=False)
+'''
+
+
+def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: dict | None = None,
+              data_dir: Path | None = None) -> dict:
     "Wall seconds and the peak tree RSS of one stage, its output appended to `log`."
     t0 = time.perf_counter()
     env = {**os.environ, 'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'PASSIVE'), 'IN_TEST': '1'}
-    proc = subprocess.Popen([sys.executable, '-c', STAGE_SCRIPT, stage, str(n_sym), str(n_days), str(root),
-                             json.dumps(overrides or {})],
+    args = ([sys.executable, '-c', FILES_SCRIPT, str(n_sym), str(n_days), str(data_dir)] if stage == 'files' else
+            [sys.executable, '-c', STAGE_SCRIPT, stage, str(n_sym), str(n_days), str(root), json.dumps(overrides or {}),
+             str(data_dir or '')])
+    proc = subprocess.Popen(args,
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     peak, stop = [0], threading.Event()
     def sample():
@@ -108,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument('--stages', default=','.join(STAGES), help=f'a subset of {",".join(STAGES)}, in order')
     ap.add_argument('--keep', action='store_true', help="keep each size's stores and artifacts")
     ap.add_argument('--json', type=Path, help='also write the figures to this JSON file')
+    ap.add_argument('--files', action='store_true', help='read each size from parquet files (blocks of 100 symbols), not the embedded market')
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
                     help='override one config key at every size, as run_notebooks.py --set does (repeatable)')
     a = ap.parse_args(argv)
@@ -125,20 +149,26 @@ def main(argv=None) -> int:
         root = ROOT / '.cache' / 'bench_scale' / f'{n_sym}x{n_days}'
         shutil.rmtree(root, ignore_errors=True); root.mkdir(parents=True)
         rows = None
+        data_dir = root / 'data' if a.files else None
         with open(root.with_suffix('.log'), 'w') as log:
             stage_res = []
+            if data_dir is not None:   # written before the stages, and not counted in them
+                r = run_stage('files', n_sym, n_days, root, log, data_dir=data_dir)
+                print(f'  {n_sym}x{n_days} market files: {r["seconds"]:.1f} s, peak RSS {gb(r["peak_rss"])}, '
+                      f'{gb(disk_bytes(data_dir))} on disk' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]}'), flush=True)
             for st in stages:
-                r = run_stage(st, n_sym, n_days, root, log, overrides); stage_res.append(r)
+                r = run_stage(st, n_sym, n_days, root, log, overrides, data_dir); stage_res.append(r)
                 print(f'  {n_sym}x{n_days} {st:8s} {r["seconds"]:8.1f} s  peak RSS {gb(r["peak_rss"])}' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]} (see {root.with_suffix(".log")})'), flush=True)
                 if r['rc'] != 0: break
         mpath = root / 'reports' / 'metrics.json'
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
         rows = sum((metrics.get('phase1') or {}).get('rows', {}).values()) if metrics.get('phase1') else None
         best, ic, oracle = best_vs_oracle(metrics)
-        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'overrides': overrides, 'rows': rows or n_sym * n_days * 390,
+        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'overrides': overrides, 'files': a.files, 'rows': rows or n_sym * n_days * 390,
                'stages': stage_res, 'seconds': sum(r['seconds'] for r in stage_res),
                'peak_rss': max(r['peak_rss'] for r in stage_res), 'ok': all(r['rc'] == 0 for r in stage_res),
-               'store_bytes': disk_bytes(root / 'cache' / 'features'), 'artifact_bytes': disk_bytes(root / 'artifacts'),
+               'store_bytes': disk_bytes(root / 'cache' / 'features'),
+               'compact_bytes': disk_bytes(root / 'cache' / 'compact'), 'artifact_bytes': disk_bytes(root / 'artifacts'),
                'best_model': best, 'best_ic': ic, 'oracle_ic': oracle,
                'ic_of_oracle': (ic / oracle) if ic is not None and oracle else None,
                'phase1_rows': ((metrics.get('phase1') or {}).get('fit_sample') or {}).get('rows')}
@@ -146,7 +176,7 @@ def main(argv=None) -> int:
         mrows = res['rows'] / 1e6
         print(f'{res["size"]}: {res["rows"]:,} rows, {res["seconds"]:.0f} s ({1e6 * res["seconds"] / res["rows"]:.1f} s per M rows), '
               f'peak RSS {gb(res["peak_rss"])}, feature store {gb(res["store_bytes"])} ({gb(res["store_bytes"] / max(mrows, 1e-9))} per M rows), '
-              f'artifacts {gb(res["artifact_bytes"])}; best {best} test IC {ic if ic is None else round(ic, 4)} '
+              f'compact store {gb(res["compact_bytes"])}, artifacts {gb(res["artifact_bytes"])}; best {best} test IC {ic if ic is None else round(ic, 4)} '
               f'= {res["ic_of_oracle"] if res["ic_of_oracle"] is None else round(res["ic_of_oracle"], 3)} of the oracle '
               f'({oracle if oracle is None else round(oracle, 4)})', flush=True)
         if not a.keep: shutil.rmtree(root, ignore_errors=True)
