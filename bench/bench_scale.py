@@ -1,6 +1,7 @@
 """How the whole workflow's cost grows with the data: features, Phase 1, Phase 2 and Phase 3 on embedded markets of
 about 0.16M, 1M, 4M and 10M rows, each stage in its own process (as each phase runs in its own kernel), with its wall
-time, the peak resident memory of its process tree (the stage and any worker processes it starts, summed), the disk
+time, the peak resident memory of its process tree (the stage and any worker processes it starts, summed; also
+its anonymous part, without the file pages of memory-mapped stores that the kernel can drop), the disk
 its stores use, and the best model's test IC as a fraction of the oracle's.
 
     .venv/bin/python bench/bench_scale.py                          # 10x40, 50x50, 100x100, 250x100 (symbols x days)
@@ -58,17 +59,21 @@ elif stage == 'phase3':
 '''
 
 
-def tree_rss(pid: int) -> int:
-    "Resident bytes of process `pid` and all its descendants (from /proc; 0 for a process that has gone)."
-    total, todo, page = 0, [pid], os.sysconf('SC_PAGE_SIZE')
+def tree_rss(pid: int) -> tuple[int, int]:
+    """(resident bytes, of them anonymous) of process `pid` and all its descendants, from /proc (0 for a process that
+    has gone). The rest is file pages (memory-mapped stores, libraries): the kernel can drop them under pressure."""
+    total, anon, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
-            with open(f'/proc/{p}/statm') as f: total += int(f.read().split()[1]) * page
+            with open(f'/proc/{p}/status') as f:
+                fields = dict(line.split(':', 1) for line in f if ':' in line)
+            total += int(fields['VmRSS'].split()[0]) * 1024
+            anon += int(fields['RssAnon'].split()[0]) * 1024
             for task in os.listdir(f'/proc/{p}/task'):
                 with open(f'/proc/{p}/task/{task}/children') as f: todo += [int(c) for c in f.read().split()]
-        except (FileNotFoundError, ProcessLookupError, PermissionError): continue
-    return total
+        except (FileNotFoundError, ProcessLookupError, PermissionError, KeyError): continue
+    return total, anon
 
 
 # The market of `--files`: blocks of 100 symbols, each simulated with its own seed, one parquet file per block.
@@ -95,13 +100,14 @@ def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: d
              str(data_dir or '')])
     proc = subprocess.Popen(args,
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-    peak, stop = [0], threading.Event()
+    peak, stop = [0, 0], threading.Event()
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], tree_rss(proc.pid)); time.sleep(0.2)
+            rss, anon = tree_rss(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon); time.sleep(0.2)
     t = threading.Thread(target=sample, daemon=True); t.start()
     rc = proc.wait(); stop.set(); t.join()
-    return {'stage': stage, 'seconds': time.perf_counter() - t0, 'peak_rss': peak[0], 'rc': rc}
+    return {'stage': stage, 'seconds': time.perf_counter() - t0, 'peak_rss': peak[0], 'peak_anon': peak[1], 'rc': rc}
 
 
 def disk_bytes(path: Path) -> int:
@@ -158,7 +164,7 @@ def main(argv=None) -> int:
                       f'{gb(disk_bytes(data_dir))} on disk' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]}'), flush=True)
             for st in stages:
                 r = run_stage(st, n_sym, n_days, root, log, overrides, data_dir); stage_res.append(r)
-                print(f'  {n_sym}x{n_days} {st:8s} {r["seconds"]:8.1f} s  peak RSS {gb(r["peak_rss"])}' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]} (see {root.with_suffix(".log")})'), flush=True)
+                print(f'  {n_sym}x{n_days} {st:8s} {r["seconds"]:8.1f} s  peak RSS {gb(r["peak_rss"])} (anonymous {gb(r["peak_anon"])})' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]} (see {root.with_suffix(".log")})'), flush=True)
                 if r['rc'] != 0: break
         mpath = root / 'reports' / 'metrics.json'
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
