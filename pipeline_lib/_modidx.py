@@ -1360,6 +1360,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular._lgbm_rows': ( 'models.tabular.html#_lgbm_rows',
                                                                                          'pipeline_lib/models/tabular.py'),
+                                             'pipeline_lib.models.tabular._scaled64': ( 'models.tabular.html#_scaled64',
+                                                                                        'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular.fit_lgbm': ( 'models.tabular.html#fit_lgbm',
                                                                                        'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular.fit_ridge': ( 'models.tabular.html#fit_ridge',

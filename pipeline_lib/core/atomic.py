@@ -152,7 +152,7 @@ def _show(path) -> str:
         return str(path.resolve().relative_to(repo_root()))
     return str(path)
 
-# %% ../../nbs/004_core.atomic.ipynb #094aa678
+# %% ../../nbs/004_core.atomic.ipynb #74d1623b
 def require_free_disk(folder, need: float, what: str, spare: int = 2**30) -> int:
     """Free bytes on the filesystem of `folder` (or of its nearest existing parent); `DiskSpaceError` when `need`
     bytes for `what` would leave less than `spare`."""
