@@ -143,6 +143,25 @@ def test_a_later_writer_keeps_other_columns_and_a_rerun_replaces_its_own(run, tm
     assert 'lstm__fwd_ret_5m' not in other and any('another run' in str(x.message) for x in w)
 
 
+def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path):
+    """Phase 3 writes the same non-gap rows as Phase 2: the merge puts the columns side by side instead of indexing
+    every row by its keys. The result and the file equal the keyed join's; a changed target still refuses to mix."""
+    from pipeline_lib.phases.phase2 import _joined, _same_rows_in_key_order, _side_by_side
+    _, root, res = run
+    old = pd.read_parquet(root/'reports'/'predictions.parquet')
+    new = old[['symbol', 'timestamp', 'split', 'fwd_ret_5m']].assign(lstm__fwd_ret_5m=np.arange(len(old), dtype=float))
+    shared = ['split', 'fwd_ret_5m']
+    assert _same_rows_in_key_order(new, old)
+    assert not _same_rows_in_key_order(new.iloc[::-1], old) and not _same_rows_in_key_order(new.iloc[1:], old)
+    pd.testing.assert_frame_equal(_side_by_side(new, old, shared), _joined(new, old, shared))
+    path = tmp_path/'predictions.parquet'
+    shutil.copy(root/'reports'/'predictions.parquet', path)
+    merged = merge_predictions(path, new)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), merged)
+    pd.testing.assert_frame_equal(merged, _joined(new, old, shared))
+    assert _side_by_side(new.assign(fwd_ret_5m=new['fwd_ret_5m'] + 1), old, shared) is None
+
+
 def test_a_subset_of_models_with_walk_forward(run, tmp_path):
     cfg, root, res = run
     sub = load_config('configs/quick.yaml', {**NULL, 'phase2': {'models': ['lightgbm', 'ridge'], 'walk_forward': True,

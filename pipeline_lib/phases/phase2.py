@@ -5,7 +5,6 @@
 # %% ../../nbs/504_phases.phase2.ipynb #d8a14f60
 from __future__ import annotations
 
-import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..core.artifacts import (ArtifactError, ArtifactWriter, atomic_write_bytes, dir_lock, json_safe,
+from ..core.atomic import atomic_write
+from ..core.artifacts import (ArtifactError, ArtifactWriter, dir_lock, json_safe,
                                          load_joblib, load_json, merge_json_atomic, read_manifest,
                                          verify_manifest)
 from ..core.config import PipelineError, config_hash, load_settings
@@ -98,23 +98,40 @@ def merge_predictions(path, new: pd.DataFrame, owned=None) -> pd.DataFrame:
         out = new
         if path.exists():
             old = pd.read_parquet(path)
-            n, o = new.set_index(KEYS), (old.set_index(KEYS) if set(KEYS) <= set(old.columns) else None)
-            common = n.index.intersection(o.index) if o is not None and not o.index.has_duplicates else None
-            stale = common is None or any(c in o.columns and not _same(n.loc[common, c], o.loc[common, c]) for c in shared)
-            if stale:
+            merged = _side_by_side(new, old, shared) if _same_rows_in_key_order(new, old) else _joined(new, old, shared)
+            if merged is None:
                 warnings.warn(f'{path} holds predictions of another run or data (its keys or realised targets differ); '
                               'replacing it with this run\'s', stacklevel=2)
-            else:
-                extra = [c for c in o.columns if c not in n.columns]
-                m = n.join(o[extra], how='outer') if extra else n.reindex(n.index.union(o.index))
-                only_old = m.index.difference(n.index)
-                for c in shared:
-                    if c in o.columns and len(only_old): m.loc[only_old, c] = o.loc[only_old, c]
-                out = m.reset_index().sort_values(KEYS, kind='stable').reset_index(drop=True)
-        buf = io.BytesIO()
-        out.to_parquet(buf, index=False)
-        atomic_write_bytes(path, buf.getvalue())
+            else: out = merged
+        atomic_write(path, lambda tmp: out.to_parquet(tmp, index=False))
     return out
+
+def _same_rows_in_key_order(new: pd.DataFrame, old: pd.DataFrame) -> bool:
+    "Whether `new` and `old` hold the same (symbol, timestamp) rows, in the same order, sorted by them."
+    if len(new) != len(old) or not set(KEYS) <= set(old.columns): return False
+    s, t = new['symbol'].astype(str).to_numpy(), new['timestamp'].to_numpy()
+    if not (np.array_equal(s, old['symbol'].astype(str).to_numpy()) and np.array_equal(t, old['timestamp'].to_numpy())): return False
+    return bool(np.all((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (t[1:] > t[:-1]))))
+
+def _side_by_side(new: pd.DataFrame, old: pd.DataFrame, shared) -> pd.DataFrame | None:
+    """`_joined`'s result when both hold the same rows in key order (Phase 3 after Phase 2: every non-gap row): the
+    old file's other columns beside `new`'s, without indexing 10M rows by their keys. None when a shared column differs."""
+    if any(c in old.columns and not _same(new[c], old[c]) for c in shared): return None
+    extra = [c for c in old.columns if c not in new.columns]
+    first = new[KEYS + [c for c in new.columns if c not in KEYS]].reset_index(drop=True)
+    return pd.concat([first, old[extra].reset_index(drop=True)], axis=1) if extra else first
+
+def _joined(new: pd.DataFrame, old: pd.DataFrame, shared) -> pd.DataFrame | None:
+    "`new` outer-joined with `old` on (symbol, timestamp), sorted by them; None when their keys or shared columns disagree."
+    n, o = new.set_index(KEYS), (old.set_index(KEYS) if set(KEYS) <= set(old.columns) else None)
+    common = n.index.intersection(o.index) if o is not None and not o.index.has_duplicates else None
+    if common is None or any(c in o.columns and not _same(n.loc[common, c], o.loc[common, c]) for c in shared): return None
+    extra = [c for c in o.columns if c not in n.columns]
+    m = n.join(o[extra], how='outer') if extra else n.reindex(n.index.union(o.index))
+    only_old = m.index.difference(n.index)
+    for c in shared:
+        if c in o.columns and len(only_old): m.loc[only_old, c] = o.loc[only_old, c]
+    return m.reset_index().sort_values(KEYS, kind='stable').reset_index(drop=True)
 
 # %% ../../nbs/504_phases.phase2.ipynb #ed799053
 VALID_ROLE = {   # what the validation rows chose for each model: its validation figure is that much in-sample
