@@ -56,8 +56,8 @@ ROW_BYTES = 200                  # bars, oracle, split and index per row, with p
 BUILD_COPIES = 3.0               # a partition's build peaks at ~3x its float32 output (DESIGN section 6)
 CROSS_SECTION_BYTES = 31*4 + 25*8   # the cross-section pass, per row: its ~31 columns and ~25 float64 series
 PHASE1_COPIES = 4.5              # Phase 1's sample: the matrix, the fold slices and noise controls, LightGBM's copy (7.6 KB a row measured)
-BIN_BYTES = 3                    # Phase 2's training, per feature per training row: a byte of LightGBM bins, and the
-                                 # baseline step holds about 3x that (Phase 2 peaked at 15.6 GB at 9.7M rows)
+BIN_BYTES = 3                    # Phase 2's training, per feature per training row: measured, not derived (its peak was
+                                 # 15.6 GB at 9.7M rows, of which LightGBM's bins are about a byte per feature per row)
 WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
 class ResourceError(PipelineError):
