@@ -6,14 +6,15 @@ its stores use, and the best model's test IC as a fraction of the oracle's.
 
     .venv/bin/python bench/bench_scale.py                          # 10x40, 50x50, 100x100, 250x100 (symbols x days)
     .venv/bin/python bench/bench_scale.py --sizes 10x40,50x50      # the small ones, while developing
-    .venv/bin/python bench/bench_scale.py --sizes 500x100 --stages features,phase1,phase2   # 49M rows, no Phase 3
+    .venv/bin/python bench/bench_scale.py --sizes 500x100 --stages features,phase1,phase2   # 19.5M rows, no Phase 3
     .venv/bin/python bench/bench_scale.py --sizes 250x100 --set phase3.max_eval_predictions=200000   # a declared cap
-    .venv/bin/python bench/bench_scale.py --sizes 500x100 --files --stages features,phase1,phase2   # 49M rows from files
+    .venv/bin/python bench/bench_scale.py --sizes 500x100 --files --stages features,phase1,phase2   # 19.5M rows from files
 
 `--files` reads each size from parquet files, as a researcher's own data comes (`--data-dir`), instead of the
 embedded market: the market is simulated in blocks of 100 symbols, each with its own seed, and written one file per
-block. The embedded simulator holds every symbol's paths at once (about 540 bytes a row: 26 GB at 49M rows), so
-500x100 needs it. There is no oracle for files, so no fraction of the oracle at such a size.
+block. The embedded simulator holds every symbol's paths at once (about 540 bytes a row: 10.5 GB at 500x100, 26 GB
+at 49M rows, 500x252), which would add to the features stage's peak. There is no oracle for files, so no fraction of the
+oracle at such a size.
 
 Targets (DESIGN section 6; this 2-core, 24 GB machine): 10M rows end to end in <= 40 min, whole-run peak RSS
 <= 8 GB, time per row at 10M within 1.5x of that at 1M, the all-features baseline included. The growth exponent of
@@ -43,9 +44,8 @@ TARGET_S, TARGET_RSS, TARGET_PER_ROW_X = 40 * 60, 8 * 2**30, 1.5
 STAGE_SCRIPT = r'''
 import sys, json
 from pathlib import Path
-from pipeline_lib.core.config import load_config
+from pipeline_lib.core.config import deep_merge, load_config
 from pipeline_lib.phases.run_data import prepare_run_data
-from pipeline_lib.core.config import deep_merge
 stage, n_sym, n_days, root = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 cfg = load_config(overrides=deep_merge(json.loads(sys.argv[5]), {'data': {'market': {'n_symbols': n_sym, 'n_days': n_days}}}))
 rd = prepare_run_data(cfg, data_dir=sys.argv[6] or None, cache_dir=root / 'cache')
