@@ -5,6 +5,9 @@
 # %% ../../nbs/402_models.tabular.ipynb #03fdb76d
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import time
 import warnings
@@ -20,7 +23,8 @@ from .trainer import available_cores
 
 # %% auto #0
 __all__ = ['SCALER_BLOCK_COLUMNS', 'SCALER_BLOCK_ROWS', 'EARLY_STOPPING_ROUNDS', 'LGBM_PARAMS', 'LGBM_FIXED', 'RIDGE_ALPHAS',
-           'TabularScaler', 'LGBMFit', 'fit_lgbm', 'RidgeFit', 'fit_ridge', 'paired_ic_difference', 'mean_ci']
+           'TabularScaler', 'LGBMFit', 'release_freed_memory', 'fit_lgbm', 'RidgeFit', 'fit_ridge',
+           'paired_ic_difference', 'mean_ci']
 
 # %% ../../nbs/402_models.tabular.ipynb #cc44d54c
 # Fitting reads a few columns, transforming a block of rows, at a time: their float64 temporaries stay small
@@ -212,6 +216,20 @@ class LGBMFit:
                 pd.DataFrame(A[rows], columns=self.features, index=idx), float(contrib[0, -1]) if len(rows) else 0.0)
 
 # %% ../../nbs/402_models.tabular.ipynb #c018cb5f
+def release_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the operating system (glibc's `malloc_trim`); False where the
+    C library has no such call. LightGBM frees its binned rows and its float64 sample for the bin boundaries from its
+    worker threads, and glibc keeps what threads free in their own arenas, for reuse by later small allocations only:
+    after the streamed all-features baseline on 0.6M training rows, 1.2 GB stayed resident until trimmed, on top of
+    every later step's peak."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+@functools.cache
+def _malloc_trim():
+    try: return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
+    except (OSError, AttributeError): return None
+
 def _lgbm_matrix(X: pd.DataFrame, columns) -> np.ndarray:
     dtype = np.float32 if all(X[c].dtype == np.float32 for c in columns) else np.float64
     A = X[list(columns)].to_numpy(dtype=dtype, na_value=np.nan)
@@ -254,6 +272,7 @@ def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame |
     evals = {}
     booster = lgb.train(p, train, valid_sets=sets, valid_names=names, callbacks=[*callbacks, lgb.record_evaluation(evals)])
     booster.free_dataset()   # the binned rows: predictions do not need them
+    release_freed_memory()
     seconds = time.perf_counter() - t0
     n_it = len(next(iter(evals[names[-1]].values())))   # every iteration run (the booster keeps the best)
     best = int(booster.best_iteration or n_it)
