@@ -232,11 +232,21 @@ def _malloc_trim():
     try: return ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6').malloc_trim
     except (OSError, AttributeError): return None
 
-def _lgbm_matrix(X: pd.DataFrame, columns) -> np.ndarray:
-    dtype = np.float32 if all(X[c].dtype == np.float32 for c in columns) else np.float64
-    A = X[list(columns)].to_numpy(dtype=dtype, na_value=np.nan)
-    if np.isinf(A).any(): A = np.where(np.isinf(A), np.nan, A)
-    return np.ascontiguousarray(A)
+def _lgbm_matrix(X: pd.DataFrame, columns, keep: np.ndarray | None = None) -> np.ndarray:
+    """The row-major matrix LightGBM reads: `columns` at the rows `keep` (a mask; all by default), +/-inf as NaN.
+    Filled a block of rows at a time, so the result is the only full-size array: a frame holds its columns one
+    after another, and a whole `to_numpy`, its row-major copy and the mask would make three (4.2 GB at 5.8M
+    training rows x 61 float32 columns)."""
+    cols = X.columns.get_indexer(list(columns))
+    dtype = np.float32 if all(X.dtypes.iloc[j] == np.float32 for j in cols) else np.float64
+    pos = None if keep is None else np.flatnonzero(keep)
+    n = len(X) if pos is None else len(pos)
+    out = np.empty((n, len(cols)), dtype)
+    for a in range(0, n, SCALER_BLOCK_ROWS):
+        block = X.iloc[a:a + SCALER_BLOCK_ROWS, cols] if pos is None else X.iloc[pos[a:a + SCALER_BLOCK_ROWS], cols]
+        A = block.to_numpy(dtype=dtype, na_value=np.nan)
+        out[a:a + len(A)] = np.where(np.isinf(A), np.nan, A)
+    return out
 
 def _finite_rows(y, what: str) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y.to_numpy(dtype=float, na_value=np.nan) if isinstance(y, pd.Series) else y, dtype=float).ravel()
@@ -247,7 +257,7 @@ def _finite_rows(y, what: str) -> tuple[np.ndarray, np.ndarray]:
 def _lgbm_rows(X: pd.DataFrame | StoreRows, features: list, keep: np.ndarray):
     "LightGBM's input for rows `keep` of `features`: a matrix from a DataFrame, one Sequence per partition from `StoreRows`."
     if isinstance(X, StoreRows): return X.iloc[keep][features].sequences()
-    return _lgbm_matrix(X, features)[keep]
+    return _lgbm_matrix(X, features, keep)
 
 def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame | StoreRows | None = None, y_valid=None, *,
              params: dict | None = None, seed: int = 0, early_stopping_rounds: int = EARLY_STOPPING_ROUNDS,
