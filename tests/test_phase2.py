@@ -162,6 +162,25 @@ def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path)
     assert _side_by_side(new.assign(fwd_ret_5m=new['fwd_ret_5m'] + 1), old, shared) is None
 
 
+def test_predictions_written_a_row_group_at_a_time_are_the_to_parquet_file(run, tmp_path):
+    """`write_row_groups` writes what `to_parquet` writes (values, dtypes, schema and pandas metadata, row groups of
+    pyarrow's default size) without converting the whole frame at once; small groups split the rows, none lost."""
+    import pyarrow.parquet as pq
+    from pipeline_lib.phases.phase2 import write_row_groups
+    P = run[2].predictions
+    P.to_parquet(tmp_path/'whole.parquet', index=False)
+    write_row_groups(P, tmp_path/'groups.parquet')
+    assert pq.read_schema(tmp_path/'groups.parquet').equals(pq.read_schema(tmp_path/'whole.parquet'), check_metadata=True)
+    for f in ('groups.parquet', 'whole.parquet'):
+        assert pq.ParquetFile(tmp_path/f).metadata.num_row_groups == 1
+    write_row_groups(P, tmp_path/'small.parquet', rows=1000)
+    assert pq.ParquetFile(tmp_path/'small.parquet').metadata.num_row_groups == -(-len(P) // 1000)
+    for f in ('groups.parquet', 'small.parquet'):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path/f), pd.read_parquet(tmp_path/'whole.parquet'))
+    write_row_groups(P.iloc[:0], tmp_path/'empty.parquet')
+    assert list(pd.read_parquet(tmp_path/'empty.parquet').columns) == list(P.columns)
+
+
 def test_a_subset_of_models_with_walk_forward(run, tmp_path):
     cfg, root, res = run
     sub = load_config('configs/quick.yaml', {**NULL, 'phase2': {'models': ['lightgbm', 'ridge'], 'walk_forward': True,
