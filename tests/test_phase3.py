@@ -236,7 +236,7 @@ def test_eval_cap_scores_a_seeded_subset_of_each_split_and_leaves_training_rows_
     from pipeline_lib.phases.phase3 import scored_rows
     lab = np.array(['train'] * 600 + ['gap'] * 10 + ['valid'] * 200 + ['gap'] * 10 + ['test'] * 300)
     ok = np.ones(len(lab), bool); ok[lab == 'gap'] = False; ok[::7] = False   # some rows lack a full window
-    rd = SimpleNamespace(split=pd.Series(lab))
+    rd = SimpleNamespace(split_labels=lab.astype(object))   # RunData's split as an object array
     opts = {'seed': 3, 'max_train_predictions': None, 'max_eval_predictions': 50}
     rows, pred = scored_rows(rd, ok, opts)
     assert np.array_equal(rows, np.flatnonzero(lab != 'gap'))

@@ -70,8 +70,8 @@ from .phase1 import Phase1Missing, load_phase1, phase1_binding, phase1_lineage  
 def prediction_frame(rd: RunData, preds: dict, rows: np.ndarray, primary: str) -> pd.DataFrame:
     "The predictions.parquet frame for `rows` of the run (predictions given on those rows, in order)."
     rows = np.asarray(rows)
-    df = pd.DataFrame({'symbol': rd.bars['symbol'].to_numpy()[rows], 'timestamp': rd.bars['timestamp'].to_numpy()[rows],
-                       'split': rd.split.to_numpy()[rows]})
+    df = pd.DataFrame({'symbol': rd.symbols[rows], 'timestamp': rd.bars['timestamp'].to_numpy()[rows],
+                       'split': rd.split_labels[rows]})
     for c in rd.targets.columns: df[c] = rd.targets[c].to_numpy()[rows]
     if rd.oracle is not None and rd.oracle_target is not None:   # named for the target it was computed for
         df[f'oracle__{rd.oracle_target}'] = rd.oracle['oracle'].to_numpy()[rows]
@@ -345,13 +345,13 @@ def run_phase2(cfg: dict, *, data_dir=None, artifact_root=None, reports_dir=None
             f'vs {len(rd.feature_columns)} raw; targets {lgbm_targets}, heads {heads}, models {model_list}')
     with run.step('fit'):
         F = rd.raw_rows() if 'baseline_all_features' in model_list else None   # streamed from the store
-        fits = fit_models(X, F, rd.targets, rd.split.to_numpy(), rd.bars['timestamp'].to_numpy(), opts, model_list,
+        fits = fit_models(X, F, rd.targets, rd.split_labels, rd.bars['timestamp'].to_numpy(), opts, model_list,
                           lgbm_targets, heads, progress)
     with run.step('predict'):
-        scored = np.flatnonzero(rd.split.to_numpy() != 'gap')
+        scored = np.flatnonzero(rd.split_labels != 'gap')
         # every row, in blocks that are views of the mapped X (no copy of it), then the scored ones: the gap rows
         # between splits are a few bars per symbol
-        preds = predict_all(fits, X, F, model_list, split=rd.split.to_numpy(), timestamps=rd.bars['timestamp'].to_numpy())
+        preds = predict_all(fits, X, F, model_list, split=rd.split_labels, timestamps=rd.bars['timestamp'].to_numpy())
         preds = {k: np.asarray(v)[scored] for k, v in preds.items()}
         frame = prediction_frame(rd, preds, scored, primary)
     with run.step('evaluate'):

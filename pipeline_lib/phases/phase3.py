@@ -79,7 +79,7 @@ from .streaming import compact_rows
 def scored_rows(rd: RunData, ends_ok: np.ndarray, opts: dict) -> tuple[np.ndarray, np.ndarray]:
     """(rows of predictions.parquet: every non-gap row, rows predicted: those with a full window; training rows capped
     by `max_train_predictions`, validation and test rows each by `max_eval_predictions` (seeded random subsets))."""
-    lab = rd.split.to_numpy().astype(str)
+    lab = rd.split_labels
     rows = np.flatnonzero(lab != 'gap')
     pred = np.flatnonzero(ends_ok)
     for k, (split, key) in enumerate((('train', 'max_train_predictions'), ('valid', 'max_eval_predictions'),
@@ -272,7 +272,7 @@ def _fitting_target(rd: RunData, cfg: dict, primary: str) -> tuple[np.ndarray, b
 def _windows(rd: RunData, y: np.ndarray, L: int, opts: dict) -> tuple[dict, np.ndarray, np.ndarray, pd.DataFrame]:
     """(each split's window ends with a finite target `y`, the rows of predictions.parquet, the rows predicted, the
     per-split counts of `Phase3Result.windows`)."""
-    sym, lab = rd.bars['symbol'].to_numpy(), rd.split.to_numpy().astype(str)
+    sym, lab = rd.symbols, rd.split_labels
     ok = window_mask(sym, L, lab)
     ends = window_ends(sym, L, lab, y)
     rows, pred_rows = scored_rows(rd, ok, opts)

@@ -42,8 +42,8 @@ def walk_forward(rd: RunData, cfg: dict, opts: dict, model_list, heads, horizon:
     primary = check_target(cfg['primary_target'], rd.targets.columns)
     sc = cfg['split']
     valid_frac = float(sc['valid']) / (float(sc['train']) + float(sc['valid']))   # the main split's valid share
-    rows = np.flatnonzero(rd.split.to_numpy() != 'gap')
-    ts, sym = rd.bars['timestamp'].to_numpy(), rd.bars['symbol'].to_numpy()
+    rows = np.flatnonzero(rd.split_labels != 'gap')
+    ts, sym = rd.bars['timestamp'].to_numpy(), rd.symbols
     n_folds, horizon = int(opts['n_folds']), int(horizon)
     folds = purged_walk_forward(pd.Series(ts[rows]), sym[rows], n_folds=n_folds, horizon=horizon)
     y = rd.targets[primary].to_numpy(float)             # scored on the raw target
