@@ -111,8 +111,10 @@ def test_bad_input_raises():
     with pytest.raises(PipelineError, match='same length'):
         evaluate(d['y'], d['p'][:-1], d['timestamp'])
     dup = pd.concat([d, d.iloc[[3]]], ignore_index=True)
-    with pytest.raises(DataError, match='Duplicate'):
-        evaluate(dup['y'], dup['p'], dup['timestamp'], dup['symbol'])
+    for sym in (dup['symbol'], dup['symbol'].to_numpy()):   # a Series (as evaluate_splits passes it) or an array
+        with pytest.raises(DataError, match='Duplicate') as e:
+            evaluate(dup['y'], dup['p'], dup['timestamp'], sym)
+        assert (e.value.symbol, e.value.row) == (d['symbol'].iloc[3], len(d))
     ts = d['timestamp'].copy(); ts.iloc[2] = pd.NaT
     with pytest.raises(DataError, match='row 2'):
         evaluate(d['y'], d['p'], ts)

@@ -111,12 +111,12 @@ def evaluate(y_true, y_pred, timestamps, symbols=None, *, block='auto',
         raise PipelineError(f'evaluate: y_true ({len(y)}), y_pred ({len(x)}), timestamps ({len(ts)})'
                             + (f', symbols ({len(symbols)})' if symbols is not None else '') + ' must have the same length')
     blocks = block_labels(ts, block)
-    if symbols is not None:
-        sym = np.asarray(symbols)
-        dup = pd.DataFrame({'s': sym, 't': ts}).duplicated()
+    if symbols is not None:   # hashed as integer codes, and a Series' strings never turned into Python objects
+        dup = pd.DataFrame({'s': pd.factorize(symbols)[0], 't': ts}).duplicated()
         if dup.any():
             i = int(np.flatnonzero(dup.to_numpy())[0])
-            raise DataError('Duplicate (symbol, timestamp) row in evaluate', symbol=sym[i], column='timestamp', row=i)
+            sym = symbols.iloc[i] if isinstance(symbols, pd.Series) else np.asarray(symbols)[i]
+            raise DataError('Duplicate (symbol, timestamp) row in evaluate', symbol=sym, column='timestamp', row=i)
     keep = np.isfinite(y) & np.isfinite(x)
     y, x, ts, blocks = y[keep], x[keep], ts[keep], blocks[keep]
     out = dict.fromkeys(METRIC_KEYS); out['n'] = int(len(y))
@@ -179,11 +179,12 @@ def evaluate_splits(frame: pd.DataFrame, pred_col: str, target_col: str, split_c
     "`evaluate` on the rows of each split: {'train': {...}, 'valid': {...}, 'test': {...}}."
     for c in (pred_col, target_col, split_col, 'timestamp'):
         if c not in frame.columns: raise DataError(f'evaluate_splits needs column {c!r}', column=c)
+    cols = list(dict.fromkeys([target_col, pred_col, 'timestamp'] + (['symbol'] if 'symbol' in frame.columns else [])))
     out = {}
-    for s in splits:
-        sub = frame.loc[frame[split_col].eq(s).to_numpy()]
+    for s in splits:   # the rows of the four columns it reads, not of the whole frame (predictions.parquet's ~30)
+        sub = frame[cols].loc[frame[split_col].eq(s).to_numpy()]
         out[s] = evaluate(sub[target_col].to_numpy(), sub[pred_col].to_numpy(), sub['timestamp'],
-                          sub['symbol'].to_numpy() if 'symbol' in sub.columns else None, **kwargs)
+                          sub['symbol'] if 'symbol' in sub.columns else None, **kwargs)
     return out
 
 def results_row(by_split: dict) -> dict:
