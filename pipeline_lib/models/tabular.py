@@ -273,18 +273,23 @@ def fit_lgbm(X_train: pd.DataFrame | StoreRows, y_train, X_valid: pd.DataFrame |
          'n_jobs': int(num_threads or available_cores())}
     cat = [features.index(c) for c in categorical if c in features]
     t0 = time.perf_counter()
-    train = AllParamsDataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr],
-                             feature_name=[f'f{j}' for j in range(len(features))], categorical_feature=cat or 'auto', params=p)
-    sets, names, callbacks, n_valid = [train], ['train'], [], 0
-    if X_valid is not None:
-        yva, kva = _finite_rows(y_valid, f'{target or "target"} (validation rows)')
-        sets.append(AllParamsDataset(_lgbm_rows(X_valid, features, kva), label=yva[kva], reference=train, params=p))
-        names.append('valid'); n_valid = int(kva.sum())
-        callbacks.append(lgb.early_stopping(int(early_stopping_rounds), first_metric_only=True, verbose=False))
+    names = ['train'] if X_valid is None else ['train', 'valid']
+    kva = None if X_valid is None else _finite_rows(y_valid, f'{target or "target"} (validation rows)')
     evals = {}
-    booster = lgb.train(p, train, valid_sets=sets, valid_names=names, callbacks=[*callbacks, lgb.record_evaluation(evals)])
-    booster.free_dataset()   # the binned rows: predictions do not need them
+    def train():   # the Datasets (binned rows, sequences and their cached partition) are freed when it returns
+        tr = AllParamsDataset(_lgbm_rows(X_train, features, ktr), label=ytr[ktr],
+                              feature_name=[f'f{j}' for j in range(len(features))], categorical_feature=cat or 'auto', params=p)
+        sets, callbacks = [tr], [lgb.record_evaluation(evals)]
+        if kva is not None:
+            (yva, keep) = kva
+            sets.append(AllParamsDataset(_lgbm_rows(X_valid, features, keep), label=yva[keep], reference=tr, params=p))
+            callbacks.append(lgb.early_stopping(int(early_stopping_rounds), first_metric_only=True, verbose=False))
+        booster = lgb.train(p, tr, valid_sets=sets, valid_names=names, callbacks=callbacks)
+        booster.free_dataset()   # the binned rows: predictions do not need them
+        return booster
+    booster = train()
     release_freed_memory()
+    n_valid = 0 if kva is None else int(kva[1].sum())
     seconds = time.perf_counter() - t0
     n_it = len(next(iter(evals[names[-1]].values())))   # every iteration run (the booster keeps the best)
     best = int(booster.best_iteration or n_it)
