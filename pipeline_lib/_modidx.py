@@ -1705,6 +1705,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training._lgbm_kwargs': ( 'phases.training.html#_lgbm_kwargs',
                                                                                              'pipeline_lib/phases/training.py'),
+                                              'pipeline_lib.phases.training._on_rows': ( 'phases.training.html#_on_rows',
+                                                                                         'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training._raw_features': ( 'phases.training.html#_raw_features',
                                                                                               'pipeline_lib/phases/training.py'),
                                               'pipeline_lib.phases.training.fit_models': ( 'phases.training.html#fit_models',
