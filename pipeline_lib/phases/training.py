@@ -17,7 +17,7 @@ from ..features.store import FeatureStore
 from ..models.ensemble import fit_ensemble
 from ..models.multitask import MultiTaskModel
 from ..models.store_rows import StoreRows
-from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge
+from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, release_freed_memory
 
 # %% auto #0
 __all__ = ['PREDICT_ROWS', 'Fits', 'fit_models', 'in_blocks', 'member_predictions', 'predict_all']
@@ -100,6 +100,7 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
                                 batch_size=m['batch_size'], loss_weights=weights, categorical=cat, seed=seed,
                                 device=str(load_settings().get('device', 'auto')), max_seconds=m.get('time_limit'))
             mt.fit(X.iloc[tr], Ytr, X.iloc[va], Yva, None if cens is None else cens[tr], None if cens is None else cens[va])
+        release_freed_memory()   # its freed scaled copies and batches go back to the OS, not to glibc's arenas
         fits.multitask = mt
         say(f'multitask {heads}: best epoch {mt.best_epoch_} of {mt.epochs_run_} ({mt.stop_reason_}), {mt.fit_seconds_:.1f} s')
     if 'ridge' in models or 'ensemble' in models:
