@@ -70,12 +70,16 @@ class _Spies:
             out.attrs['phase1_rows'] = getattr(ft, '_spy_rows', main_phase1_rows)
             return out
 
+        def learnt(X, y):   # LightGBM and ridge leave out the rows whose target is NaN (Phase 2 gives them all of X)
+            return _rows(X)[np.isfinite(np.asarray(y, dtype=float))]
+
         def learner(name, f, x_pos=0, valid_pos=2):
             def spy(*a, **kw):
                 if spies.active:
                     X = a[x_pos]
                     Xv = a[valid_pos] if len(a) > valid_pos else kw.get('X_valid')
-                    spies.events.append((name, _rows(X), None if Xv is None else _rows(Xv)))
+                    yv = a[valid_pos + 1] if len(a) > valid_pos + 1 else kw.get('y_valid')
+                    spies.events.append((name, learnt(X, a[x_pos + 1]), None if Xv is None else learnt(Xv, yv)))
                     if 'regime' in X.columns:   # Phase 1's features (the baseline's raw ones learnt nothing)
                         spies.events.append(('features of ' + name, X.attrs.get('phase1_rows'), None))
                 return f(*a, **kw)
