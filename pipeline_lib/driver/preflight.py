@@ -14,9 +14,10 @@ from .errors import short_path
 from ..core.schema import fmt_value
 
 # %% auto #0
-__all__ = ['BYTES_PER_FEATURE', 'ROW_BYTES', 'BUILD_COPIES', 'CROSS_SECTION_BYTES', 'PHASE1_COPIES', 'BIN_BYTES', 'WORKER_BYTES',
-           'resolve_data', 'load_data', 'ResourceError', 'available_memory', 'estimate_file_rows', 'data_options',
-           'data_option_problems', 'stage_bytes', 'estimate_bytes', 'effective_rows', 'run_sizes', 'memory_check']
+__all__ = ['BYTES_PER_FEATURE', 'ROW_BYTES', 'BUILD_COPIES', 'CROSS_SECTION_BYTES', 'PHASE1_COPIES', 'BIN_BYTES',
+           'PREDICTIONS_BYTES', 'WORKER_BYTES', 'resolve_data', 'load_data', 'ResourceError', 'available_memory',
+           'estimate_file_rows', 'data_options', 'data_option_problems', 'stage_bytes', 'estimate_bytes',
+           'effective_rows', 'run_sizes', 'memory_check']
 
 # %% ../../nbs/605_driver.preflight.ipynb #b536dbce
 def resolve_data(data_dir=None, cfg: dict | None = None, settings: dict | None = None):
@@ -56,8 +57,10 @@ ROW_BYTES = 200                  # bars, oracle, split and index per row, with p
 BUILD_COPIES = 3.0               # a partition's build peaks at ~3x its float32 output (DESIGN section 6)
 CROSS_SECTION_BYTES = 31*4 + 25*8   # the cross-section pass, per row: its ~31 columns and ~25 float64 series
 PHASE1_COPIES = 4.5              # Phase 1's sample: the matrix, the fold slices and noise controls, LightGBM's copy (7.6 KB a row measured)
-BIN_BYTES = 3                    # Phase 2's training, per feature per training row: measured, not derived (its peak was
-                                 # 15.6 GB at 9.7M rows, of which LightGBM's bins are about a byte per feature per row)
+BIN_BYTES = 1.5                  # Phase 2's training, per feature per training row: measured, not derived (its peak was
+                                 # 9.66 GiB at 9.7M rows, which 1 matches; 1.5 leaves a margin for other data)
+PREDICTIONS_BYTES = 550          # Phase 3, per row: its predictions frame, Phase 2's read back and merged beside it, and
+                                 # the scoring copies; measured, not derived (its peak was 11.42 GiB at 9.7M rows)
 WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
 class ResourceError(PipelineError):
@@ -130,7 +133,7 @@ def stage_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61,
     return {'features': base + build,
             'phase1': base + sample * n_features * BYTES_PER_FEATURE * PHASE1_COPIES + compact,
             'phase2': base + 2 * compact + train * (n_features + n_out) * BIN_BYTES + part * n_features * BYTES_PER_FEATURE,
-            'phase3': base + 2 * compact}
+            'phase3': base + 2 * compact + rows * PREDICTIONS_BYTES}
 
 def estimate_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61, **sizes) -> int:
     "Peak bytes of a run on `rows` bars: its largest stage (`stage_bytes`)."
