@@ -1362,6 +1362,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                          'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular._malloc_trim': ( 'models.tabular.html#_malloc_trim',
                                                                                            'pipeline_lib/models/tabular.py'),
+                                             'pipeline_lib.models.tabular._row_blocks': ( 'models.tabular.html#_row_blocks',
+                                                                                          'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular._scaled64': ( 'models.tabular.html#_scaled64',
                                                                                         'pipeline_lib/models/tabular.py'),
                                              'pipeline_lib.models.tabular.fit_lgbm': ( 'models.tabular.html#fit_lgbm',

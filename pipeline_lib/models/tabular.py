@@ -31,6 +31,13 @@ __all__ = ['SCALER_BLOCK_COLUMNS', 'SCALER_BLOCK_ROWS', 'EARLY_STOPPING_ROUNDS',
 # (a whole-matrix float64 copy of 5.8M training rows x 61 is 2.8 GB, and numpy's nan-statistics make several).
 SCALER_BLOCK_COLUMNS, SCALER_BLOCK_ROWS = 8, 262_144
 
+def _row_blocks(X: pd.DataFrame, rows=None, columns=None):
+    "`(start, block)` over the rows `rows` (positions; all by default) of `X`, `SCALER_BLOCK_ROWS` at a time."
+    pos = None if rows is None else np.asarray(rows)
+    for a in range(0, len(X) if pos is None else len(pos), SCALER_BLOCK_ROWS):
+        at = slice(a, a + SCALER_BLOCK_ROWS) if pos is None else pos[a:a + SCALER_BLOCK_ROWS]
+        yield a, (X.iloc[at] if columns is None else X.iloc[at, columns])
+
 class TabularScaler:
     """Standardise numeric columns with training statistics and one-hot encode categorical ones.
 
@@ -103,8 +110,7 @@ class TabularScaler:
         if missing: raise PipelineError(f'X lacks {len(missing)} column(s) the model was fitted on, e.g. {missing[:3]}')
         n = len(X) if rows is None else len(rows)
         out = np.empty((n, len(self.feature_names_out_)), dtype)
-        for a in range(0, n, SCALER_BLOCK_ROWS):   # float64 temporaries of a block of rows at a time
-            block = X.iloc[a:a + SCALER_BLOCK_ROWS] if rows is None else X.iloc[np.asarray(rows)[a:a + SCALER_BLOCK_ROWS]]
+        for a, block in _row_blocks(X, rows):   # float64 temporaries of a block of rows at a time
             Z = (_float_matrix(block, self.numeric_) - self.mean_) / self.scale_
             Z = np.where(np.isfinite(Z), Z, 0.0)
             if self.clip: Z = np.clip(Z, -self.clip, self.clip)
@@ -225,7 +231,9 @@ def release_freed_memory() -> bool:
     after the streamed all-features baseline on 0.6M training rows, 1.2 GB stayed resident until trimmed, on top of
     every later step's peak."""
     trim = _malloc_trim()
-    return bool(trim is not None and trim(0) >= 0)
+    if trim is None: return False
+    trim(0)
+    return True
 
 @functools.cache
 def _malloc_trim():
@@ -240,10 +248,8 @@ def _lgbm_matrix(X: pd.DataFrame, columns, keep: np.ndarray | None = None) -> np
     cols = X.columns.get_indexer(list(columns))
     dtype = np.float32 if all(X.dtypes.iloc[j] == np.float32 for j in cols) else np.float64
     pos = None if keep is None else np.flatnonzero(keep)
-    n = len(X) if pos is None else len(pos)
-    out = np.empty((n, len(cols)), dtype)
-    for a in range(0, n, SCALER_BLOCK_ROWS):
-        block = X.iloc[a:a + SCALER_BLOCK_ROWS, cols] if pos is None else X.iloc[pos[a:a + SCALER_BLOCK_ROWS], cols]
+    out = np.empty((len(X) if pos is None else len(pos), len(cols)), dtype)
+    for a, block in _row_blocks(X, pos, cols):
         A = block.to_numpy(dtype=dtype, na_value=np.nan)
         out[a:a + len(A)] = np.where(np.isinf(A), np.nan, A)
     return out
