@@ -123,8 +123,10 @@ def write_row_groups(frame: pd.DataFrame, path, rows: int = PARQUET_ROW_GROUP):
 def _same_rows_in_key_order(new: pd.DataFrame, old: pd.DataFrame) -> bool:
     "Whether `new` and `old` hold the same (symbol, timestamp) rows, in the same order, sorted by them."
     if len(new) != len(old) or not set(KEYS) <= set(old.columns): return False
-    s, t = new['symbol'].astype(str).to_numpy(), new['timestamp'].to_numpy()
-    if not (np.array_equal(s, old['symbol'].astype(str).to_numpy()) and np.array_equal(t, old['timestamp'].to_numpy())): return False
+    # symbols as codes in sorted order: no Python string per row of either frame (two 0.56 GB arrays at 9.7M rows)
+    codes = pd.factorize(pd.concat([new['symbol'].astype(str), old['symbol'].astype(str)], ignore_index=True), sort=True)[0]
+    s, t = codes[:len(new)], new['timestamp'].to_numpy()
+    if not (np.array_equal(s, codes[len(new):]) and np.array_equal(t, old['timestamp'].to_numpy())): return False
     return bool(np.all((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (t[1:] > t[:-1]))))
 
 def _side_by_side(new: pd.DataFrame, old: pd.DataFrame, shared) -> pd.DataFrame | None:
