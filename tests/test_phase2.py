@@ -143,23 +143,41 @@ def test_a_later_writer_keeps_other_columns_and_a_rerun_replaces_its_own(run, tm
     assert 'lstm__fwd_ret_5m' not in other and any('another run' in str(x.message) for x in w)
 
 
-def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path):
-    """Phase 3 writes the same non-gap rows as Phase 2: the merge puts the columns side by side instead of indexing
-    every row by its keys. The result and the file equal the keyed join's; a changed target still refuses to mix."""
-    from pipeline_lib.phases.phase2 import _joined, _same_rows_in_key_order, _side_by_side
+def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path, monkeypatch):
+    """Phase 3 writes the same non-gap rows as Phase 2: the merge reads the file a row group at a time and writes the
+    columns side by side, without the keyed join. The result and the file equal the keyed join's (schema and pandas
+    metadata those of `to_parquet`); `columns` returns only the columns asked for; a changed target still refuses to
+    mix; rows in another order take the keyed join."""
+    import pyarrow.parquet as pq
+    from pipeline_lib.phases import phase2
     _, root, res = run
     old = pd.read_parquet(root/'reports'/'predictions.parquet')
     new = old[['symbol', 'timestamp', 'split', 'fwd_ret_5m']].assign(lstm__fwd_ret_5m=np.arange(len(old), dtype=float))
-    shared = ['split', 'fwd_ret_5m']
-    assert _same_rows_in_key_order(new, old)
-    assert not _same_rows_in_key_order(new.iloc[::-1], old) and not _same_rows_in_key_order(new.iloc[1:], old)
-    pd.testing.assert_frame_equal(_side_by_side(new, old, shared), _joined(new, old, shared))
+    expected, joined = phase2._joined(new, old, ['split', 'fwd_ret_5m']), phase2._joined
+    calls = []
+    monkeypatch.setattr(phase2, '_joined', lambda *a: calls.append(1) or joined(*a))
     path = tmp_path/'predictions.parquet'
-    shutil.copy(root/'reports'/'predictions.parquet', path)
+    phase2.write_row_groups(old, path, rows=1000)                   # several row groups, each read and written alone
     merged = merge_predictions(path, new)
-    pd.testing.assert_frame_equal(pd.read_parquet(path), merged)
-    pd.testing.assert_frame_equal(merged, _joined(new, old, shared))
-    assert _side_by_side(new.assign(fwd_ret_5m=new['fwd_ret_5m'] + 1), old, shared) is None
+    assert not calls
+    pd.testing.assert_frame_equal(merged, expected)
+    pd.testing.assert_frame_equal(pd.read_parquet(path), expected)
+    expected.to_parquet(tmp_path/'whole.parquet', index=False)
+    assert pq.read_schema(path).equals(pq.read_schema(tmp_path/'whole.parquet'), check_metadata=True)
+    assert pq.ParquetFile(path).metadata.num_row_groups == -(-len(old) // 1000)
+    wanted = lambda c: c in ('symbol', 'timestamp') or c.endswith('__fwd_ret_5m')
+    some = merge_predictions(path, new.assign(lstm__fwd_ret_5m=2.0), columns=wanted)
+    assert list(some.columns) == [c for c in expected.columns if wanted(c)] and (some['lstm__fwd_ret_5m'] == 2.0).all()
+    pd.testing.assert_frame_equal(some.drop(columns='lstm__fwd_ret_5m'), expected[list(some.columns.drop('lstm__fwd_ret_5m'))])
+    phase2.write_row_groups(old, path, rows=1000)
+    reordered = merge_predictions(path, new.iloc[::-1])              # the same rows in another order: the keyed join
+    assert calls and list(reordered.columns) == list(expected.columns)
+    pd.testing.assert_frame_equal(reordered, expected)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        other = merge_predictions(path, new.assign(fwd_ret_5m=new['fwd_ret_5m'] + 1))   # another run's targets
+    assert list(other.columns) == list(new.columns) and any('another run' in str(x.message) for x in w)
+    assert list(pd.read_parquet(path).columns) == list(new.columns)
 
 
 def test_predictions_written_a_row_group_at_a_time_are_the_to_parquet_file(run, tmp_path):

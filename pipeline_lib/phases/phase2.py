@@ -29,9 +29,9 @@ from .walk_forward import walk_forward
 
 # %% auto #0
 __all__ = ['MODEL_NAMES', 'ARTIFACT_KIND', 'REBUILD_HINT', 'KEYS', 'PARQUET_ROW_GROUP', 'VALID_ROLE', 'CORE_DIR',
-           'phase2_options', 'model_targets', 'prediction_frame', 'merge_predictions', 'write_row_groups',
-           'model_metrics', 'model_backtests', 'daily_ic', 'write_core_models', 'CoreModels', 'verified_models_json',
-           'stale_core_models', 'load_core_models', 'Phase2Result', 'run_phase2']
+           'phase2_options', 'model_targets', 'prediction_frame', 'merge_predictions', 'write_frames',
+           'write_row_groups', 'model_metrics', 'model_backtests', 'daily_ic', 'write_core_models', 'CoreModels',
+           'verified_models_json', 'stale_core_models', 'load_core_models', 'Phase2Result', 'run_phase2']
 
 # %% ../../nbs/504_phases.phase2.ipynb #332c140c
 MODEL_NAMES = CORE_MODELS  # the registry's Phase 2 models, in report order
@@ -84,58 +84,91 @@ def prediction_frame(rd: RunData, preds: dict, rows: np.ndarray, primary: str) -
 KEYS = ['symbol', 'timestamp']
 
 def _same(a: pd.Series, b: pd.Series) -> bool:
+    a, b = a.reset_index(drop=True), b.reset_index(drop=True)
     if pd.api.types.is_numeric_dtype(a) and pd.api.types.is_numeric_dtype(b):
         x, y = a.to_numpy(float), b.to_numpy(float)
         return bool(np.all((np.isnan(x) & np.isnan(y)) | np.isclose(x, y, rtol=1e-9, atol=0)))
+    if a.dtype == b.dtype and a.dtype != object: return a.equals(b)     # timestamps, strings: no formatting per row
     return bool((a.astype(str).to_numpy() == b.astype(str).to_numpy()).all())
 
-def merge_predictions(path, new: pd.DataFrame, owned=None) -> pd.DataFrame:
-    """Merge `new` into the parquet at `path` on (symbol, timestamp) and write it atomically; returns the merged frame.
-    `owned`: the prediction columns this writer produces (default: the `<model>__<target>` columns of `new`)."""
+def merge_predictions(path, new: pd.DataFrame, owned=None, columns=None) -> pd.DataFrame:
+    """Merge `new` into the parquet at `path` on (symbol, timestamp) and write it atomically; returns the merged frame,
+    or only the columns whose name `columns(name)` accepts. `owned`: the prediction columns this writer produces
+    (default: the `<model>__<target>` columns of `new`)."""
+    import pyarrow.parquet as pq
     path = Path(path)
     owned = set(owned if owned is not None else [c for c in new.columns if '__' in c])
     shared = [c for c in new.columns if c not in KEYS and c not in owned]   # split, targets, oracle
+    wanted = lambda names: [c for c in names if columns is None or columns(c)]
     with dir_lock(path.parent):
         out = new
         if path.exists():
-            old = pd.read_parquet(path)
-            merged = _side_by_side(new, old, shared) if _same_rows_in_key_order(new, old) else _joined(new, old, shared)
+            with pq.ParquetFile(path) as old:
+                agree = _file_matches(new, old, shared)
+                if agree:
+                    atomic_write(path, lambda tmp: write_frames(_side_by_side(new, old), tmp))
+                    return pd.read_parquet(path, columns=wanted(pq.read_schema(path).names))
+            merged = None if agree is False else _joined(new, pd.read_parquet(path), shared)
             if merged is None:
                 warnings.warn(f'{path} holds predictions of another run or data (its keys or realised targets differ); '
                               'replacing it with this run\'s', stacklevel=2)
             else: out = merged
         atomic_write(path, lambda tmp: write_row_groups(out, tmp))
-    return out
+    return out[wanted(out.columns)]
 
 PARQUET_ROW_GROUP = 1 << 20   # rows: pyarrow's default row group, so the file is the one `to_parquet` writes
 
-def write_row_groups(frame: pd.DataFrame, path, rows: int = PARQUET_ROW_GROUP):
-    """`frame.to_parquet(path, index=False)`, converted to Arrow and written a row group at a time: the same file
-    (schema, pandas metadata, row groups) without an Arrow copy of the whole frame beside it (2.2 GB for Phase 2's
-    9.7M rows)."""
+def write_frames(frames, path, schema=None):
+    """Write `frames` (the same columns and types) to one parquet file, a row group each: the file `to_parquet` writes
+    for their concatenation (schema, pandas metadata, and its row groups when each frame has pyarrow's default size),
+    without an Arrow copy of all of it at once (2.2 GB for Phase 2's 9.7M rows). `schema`: default the first frame's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    schema = pa.Schema.from_pandas(frame, preserve_index=False)
-    with pq.ParquetWriter(path, schema, compression='snappy') as w:
-        for a in range(0, max(len(frame), 1), rows):
-            w.write_table(pa.Table.from_pandas(frame.iloc[a:a + rows], schema=schema, preserve_index=False))
+    writer = None
+    try:
+        for f in frames:
+            if writer is None:
+                schema = schema or pa.Schema.from_pandas(f, preserve_index=False)
+                writer = pq.ParquetWriter(path, schema, compression='snappy')
+            writer.write_table(pa.Table.from_pandas(f, schema=schema, preserve_index=False))
+    finally:
+        if writer is not None: writer.close()
 
-def _same_rows_in_key_order(new: pd.DataFrame, old: pd.DataFrame) -> bool:
-    "Whether `new` and `old` hold the same (symbol, timestamp) rows, in the same order, sorted by them."
-    if len(new) != len(old) or not set(KEYS) <= set(old.columns): return False
-    # symbols as codes in sorted order: no Python string per row of either frame (two 0.56 GB arrays at 9.7M rows)
-    codes = pd.factorize(pd.concat([new['symbol'].astype(str), old['symbol'].astype(str)], ignore_index=True), sort=True)[0]
-    s, t = codes[:len(new)], new['timestamp'].to_numpy()
-    if not (np.array_equal(s, codes[len(new):]) and np.array_equal(t, old['timestamp'].to_numpy())): return False
+def write_row_groups(frame: pd.DataFrame, path, rows: int = PARQUET_ROW_GROUP):
+    "`frame.to_parquet(path, index=False)`'s file, converted to Arrow and written `rows` rows at a time (`write_frames`)."
+    import pyarrow as pa
+    write_frames((frame.iloc[a:a + rows] for a in range(0, max(len(frame), 1), rows)), path,
+                 pa.Schema.from_pandas(frame, preserve_index=False))
+
+def _in_key_order(frame: pd.DataFrame) -> bool:
+    "Whether `frame`'s rows are sorted by (symbol, timestamp), each key once."
+    # symbols as codes in sorted order: no Python string per row (0.56 GB at 9.7M rows)
+    s, t = pd.factorize(frame['symbol'].astype(str), sort=True)[0], frame['timestamp'].to_numpy()
     return bool(np.all((s[1:] > s[:-1]) | ((s[1:] == s[:-1]) & (t[1:] > t[:-1]))))
 
-def _side_by_side(new: pd.DataFrame, old: pd.DataFrame, shared) -> pd.DataFrame | None:
-    """`_joined`'s result when both hold the same rows in key order (Phase 3 after Phase 2: every non-gap row): the
-    old file's other columns beside `new`'s, without indexing 10M rows by their keys. None when a shared column differs."""
-    if any(c in old.columns and not _same(new[c], old[c]) for c in shared): return None
-    extra = [c for c in old.columns if c not in new.columns]
-    first = new[KEYS + [c for c in new.columns if c not in KEYS]].reset_index(drop=True)
-    return pd.concat([first, old[extra].reset_index(drop=True)], axis=1) if extra else first
+def _file_matches(new: pd.DataFrame, old, shared) -> bool | None:
+    """None unless the parquet file `old` (a `pyarrow.parquet.ParquetFile`) holds `new`'s rows in the same order,
+    sorted by (symbol, timestamp); else whether its `shared` columns agree with `new`'s. Reads a row group at a time,
+    only the keys and those columns."""
+    names = old.schema_arrow.names
+    if not len(new) or old.metadata.num_rows != len(new) or not set(KEYS) <= set(names) or not _in_key_order(new): return None
+    agree, a = True, 0
+    for g in range(old.num_row_groups):
+        part = old.read_row_group(g, columns=KEYS + [c for c in shared if c in names]).to_pandas()
+        here, a = new.iloc[a:a + len(part)], a + len(part)
+        if not all(_same(here[k], part[k]) for k in KEYS): return None
+        agree = agree and all(_same(here[c], part[c]) for c in part.columns if c not in KEYS)
+    return agree
+
+def _side_by_side(new: pd.DataFrame, old):
+    """`_joined`'s result, a row group of the file `old` at a time, when both hold the same rows in key order: the
+    keys, `new`'s other columns, then the file's columns that `new` lacks, without indexing 10M rows by their keys."""
+    extra = [c for c in old.schema_arrow.names if c not in new.columns]
+    order, a = KEYS + [c for c in new.columns if c not in KEYS], 0
+    for g in range(old.num_row_groups):
+        n = old.metadata.row_group(g).num_rows
+        here, a = new.iloc[a:a + n][order].reset_index(drop=True), a + n
+        yield pd.concat([here, old.read_row_group(g, columns=extra).to_pandas()], axis=1) if extra else here
 
 def _joined(new: pd.DataFrame, old: pd.DataFrame, shared) -> pd.DataFrame | None:
     "`new` outer-joined with `old` on (symbol, timestamp), sorted by them; None when their keys or shared columns disagree."

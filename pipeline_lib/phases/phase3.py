@@ -303,13 +303,15 @@ def _fit_and_predict(run: PhaseRun, mcfgs: dict, X: np.ndarray, y_fit: np.ndarra
 # %% ../../nbs/505_phases.phase3.ipynb #1c6d63de
 def _compare(run: PhaseRun, frame: pd.DataFrame, owned: list, primary: str, fits: dict, ft, reports_dir, output_dir,
              metadata_dir) -> tuple[pd.DataFrame, dict]:
-    """`compare_with_phase2` on the merged predictions.parquet (written to `reports_dir` when given), without Phase 2's
-    models when they were trained on another Phase 1 (with a warning)."""
+    """`compare_with_phase2` on the merged predictions.parquet (written to `reports_dir` when given; only the columns
+    it reads), without Phase 2's models when they were trained on another Phase 1 (with a warning)."""
     from pipeline_lib.phases.phase2 import MODEL_NAMES as P2_MODEL_NAMES, merge_predictions, stale_core_models
     P, p2_metrics = frame, None
     if reports_dir is not None:
         with run.step('write_predictions'):
-            P = merge_predictions(reports_dir/'predictions.parquet', frame, owned=owned)
+            # back only what the comparison reads: the keys, split, primary target and every model's prediction of it
+            P = merge_predictions(reports_dir/'predictions.parquet', frame, owned=owned,
+                                  columns=lambda c: c in ('symbol', 'timestamp', 'split', primary) or c.endswith(f'__{primary}'))
             if (reports_dir/'metrics.json').exists(): p2_metrics = read_json(reports_dir/'metrics.json').get('phase2')
     why = stale_core_models(output_dir, ft, metadata_dir)
     stale = (f'{why}: Phase 1 was re-run after Phase 2, so Phase 2\'s predictions come from other features and are '
