@@ -116,6 +116,22 @@ def test_multitask_fits_with_nan_targets_and_round_trips_a_pickle():
     assert np.array_equal(joblib.load(buf).predict(X.iloc[2000:]).to_numpy(), pred.to_numpy())
 
 
+def test_multitask_on_row_positions_is_the_model_on_a_copy_of_the_rows():
+    """Phase 2 hands the network every row (the mapped store) with the training and validation rows' positions
+    instead of copies of them: the same scaler, the same training, the same predictions, bit for bit."""
+    X, y, _ = _panel(3000)
+    X = X.assign(regime=np.random.default_rng(3).integers(0, 3, len(X)).astype(float))
+    Y = pd.DataFrame({'ret': y, 'vol': X['x1'].abs().to_numpy(float)})
+    tr, va = np.r_[0:1200, 1500:2200], np.arange(2400, 3000)            # not one contiguous slice, as split rows need not be
+    kw = dict(hidden=(16,), lr=3e-3, epochs=3, patience=None, batch_size=256, censored_head=None, categorical=['regime'], seed=0)
+    a = MultiTaskModel(['ret', 'vol'], **kw).fit(X.iloc[tr], Y.iloc[tr], X.iloc[va], Y.iloc[va])
+    b = MultiTaskModel(['ret', 'vol'], **kw).fit(X, Y.iloc[tr], X, Y.iloc[va], train_rows=tr, valid_rows=va)
+    assert np.array_equal(a.scaler_.mean_, b.scaler_.mean_) and a.scaler_.levels_ == b.scaler_.levels_
+    assert not np.array_equal(b.scaler_.mean_, TabularScaler(['regime']).fit(X).mean_)   # statistics of those rows only
+    pd.testing.assert_frame_equal(a.history_.drop(columns='seconds', errors='ignore'), b.history_.drop(columns='seconds', errors='ignore'))
+    assert np.array_equal(a.predict(X).to_numpy(), b.predict(X).to_numpy())
+
+
 def test_multitask_uncertainty_weights_are_learned():
     X, y, _ = _panel(2000)
     Y = pd.DataFrame({'a': y, 'b': X['x3'].to_numpy(float) * 3})

@@ -85,9 +85,11 @@ class _Spies:
                 return f(*a, **kw)
             return spy
 
-        def mt_fit(model, X, Y, X_valid=None, *a, **kw):
+        def mt_fit(model, X, Y, X_valid=None, *a, **kw):   # given row positions, it learns from those rows of X only
             if spies.active:
-                spies.events.append(('multitask', _rows(X), None if X_valid is None else _rows(X_valid)))
+                at = lambda F, rows: _rows(F) if rows is None else _rows(F)[np.asarray(rows)]
+                spies.events.append(('multitask', at(X, kw.get('train_rows')),
+                                     None if X_valid is None else at(X_valid, kw.get('valid_rows'))))
                 spies.events.append(('features of multitask', X.attrs.get('phase1_rows'), None))
             return mt_fit_orig(model, X, Y, X_valid, *a, **kw)
         mt_fit_orig = MultiTaskModel.fit

@@ -168,18 +168,21 @@ class MultiTaskModel:
         return out
 
     def fit(self, X_train: pd.DataFrame, Y_train: pd.DataFrame, X_valid: pd.DataFrame | None = None,
-            Y_valid: pd.DataFrame | None = None, censored_train=None, censored_valid=None, progress: bool = False):
-        "Train on the training rows, early-stop on the validation rows. `censored_*`: 1 where `censored_head`'s target is censored."
+            Y_valid: pd.DataFrame | None = None, censored_train=None, censored_valid=None, progress: bool = False,
+            train_rows=None, valid_rows=None):
+        """Train on the training rows, early-stop on the validation rows. `censored_*`: 1 where `censored_head`'s target
+        is censored. `train_rows`, `valid_rows`: the positions in `X_train`, `X_valid` of those rows (all by default), so
+        that a caller with every row in one (mapped) frame passes no copy of them; `Y_*` and `censored_*` hold those rows."""
         t0 = time.perf_counter()
-        self.scaler_ = TabularScaler(self.categorical).fit(X_train)
+        self.scaler_ = TabularScaler(self.categorical).fit(X_train, rows=train_rows)
         self.y_mean_, self.y_scale_ = {}, {}
         for h in self.heads:
             if h not in Y_train.columns: raise PipelineError(f'Y_train lacks head {h!r}; it has {list(Y_train.columns)}')
             v = Y_train[h].to_numpy(float, na_value=np.nan); v = v[np.isfinite(v)]
             if len(v) < 10: raise PipelineError(f'Head {h!r} has only {len(v)} finite training targets')
             self.y_mean_[h], self.y_scale_[h] = float(v.mean()), float(v.std()) or 1.0
-        Xtr, ytr = self.scaler_.transform(X_train), self._targets(Y_train, censored_train)
-        valid = None if X_valid is None else (self.scaler_.transform(X_valid), self._targets(Y_valid, censored_valid))
+        Xtr, ytr = self.scaler_.transform(X_train, rows=train_rows), self._targets(Y_train, censored_train)
+        valid = None if X_valid is None else (self.scaler_.transform(X_valid, rows=valid_rows), self._targets(Y_valid, censored_valid))
         learn = self.loss_weights == 'uncertainty'
         seed_everything(self.seed)  # the initial weights
         net = MultiTaskNet(Xtr.shape[1], self.heads, self.hidden, self.dropout, learn_weights=learn)

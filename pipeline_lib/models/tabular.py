@@ -79,14 +79,18 @@ class TabularScaler:
     def __init__(self, categorical=(), clip: float | None = 8.0, max_levels: int = 64):
         self.categorical, self.clip, self.max_levels = tuple(categorical), clip, int(max_levels)
 
-    def fit(self, X: pd.DataFrame, y=None):
+    def fit(self, X: pd.DataFrame, y=None, rows=None):
+        """Learn the statistics from `rows` of `X` (positions; all by default): a caller with every row in one (mapped)
+        frame passes the training rows' positions instead of a copy of them."""
         if not isinstance(X, pd.DataFrame): raise PipelineError(f'TabularScaler needs a DataFrame of features, got {type(X).__name__}')
+        at = slice(None) if rows is None else np.asarray(rows)
         self.columns_ = [str(c) for c in X.columns]
         self.categorical_ = [c for c in self.categorical if c in X.columns]
         self.numeric_ = [c for c in self.columns_ if c not in self.categorical_]
         mean, sd = np.empty(len(self.numeric_)), np.empty(len(self.numeric_))
         for j in range(0, len(self.numeric_), SCALER_BLOCK_COLUMNS):   # float64 copies of a few columns at a time
-            A = _float_matrix(X, self.numeric_[j:j + SCALER_BLOCK_COLUMNS])
+            cols = self.numeric_[j:j + SCALER_BLOCK_COLUMNS]
+            A = _float_matrix(X.iloc[at, X.columns.get_indexer(cols)], cols)
             with warnings.catch_warnings():
                 warnings.simplefilter('ignore', RuntimeWarning)   # all-NaN columns: mean 0, sd 1 below
                 mean[j:j + A.shape[1]], sd[j:j + A.shape[1]] = np.nanmean(A, 0), np.nanstd(A, 0)
@@ -94,7 +98,7 @@ class TabularScaler:
         self.scale_ = np.where(np.isfinite(sd) & (sd > 0), sd, 1.0)
         self.levels_ = {}
         for c in self.categorical_:
-            v = pd.to_numeric(X[c], errors='coerce').to_numpy(float)
+            v = pd.to_numeric(X[c].iloc[at], errors='coerce').to_numpy(float)
             lev = np.unique(v[np.isfinite(v)])
             if len(lev) > self.max_levels:
                 raise PipelineError(f'Categorical column {c!r} has {len(lev)} levels (> {self.max_levels}); is it really categorical?')
@@ -367,7 +371,7 @@ def _fit_ridge(X_train, y_train, X_valid, y_valid, alphas, categorical, target, 
     from sklearn.linear_model import Ridge
     if X_valid is None and len(alphas) != 1: raise PipelineError('fit_ridge without validation rows needs exactly one alpha')
     ytr, ktr = _finite_rows(y_train, f'{target or "target"} (training rows)')
-    scaler = TabularScaler(categorical).fit(X_train.iloc[np.flatnonzero(ktr)])
+    scaler = TabularScaler(categorical).fit(X_train, rows=np.flatnonzero(ktr))
     def fit_one(alpha):   # centres its own float64 copy in place (copy_X=False): one copy of the rows, not two
         return Ridge(alpha=alpha, copy_X=False).fit(_scaled64(scaler, X_train, ktr), ytr[ktr])
     if X_valid is None:

@@ -99,7 +99,8 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
                                 weight_decay=m['weight_decay'], epochs=m['epochs'], patience=m['patience'],
                                 batch_size=m['batch_size'], loss_weights=weights, categorical=cat, seed=seed,
                                 device=str(load_settings().get('device', 'auto')), max_seconds=m.get('time_limit'))
-            mt.fit(X.iloc[tr], Ytr, X.iloc[va], Yva, None if cens is None else cens[tr], None if cens is None else cens[va])
+            mt.fit(X, Ytr, X, Yva, None if cens is None else cens[tr], None if cens is None else cens[va], train_rows=tr,
+                   valid_rows=va)   # the rows' positions in X: no copy of them (1.4 GB at 5.8M training rows x 61)
         release_freed_memory()   # its freed scaled copies and batches go back to the OS, not to glibc's arenas
         fits.multitask = mt
         say(f'multitask {heads}: best epoch {mt.best_epoch_} of {mt.epochs_run_} ({mt.stop_reason_}), {mt.fit_seconds_:.1f} s')
