@@ -165,6 +165,13 @@ def test_predictions_in_blocks_equal_one_call(monkeypatch):
     monkeypatch.setattr(training, 'PREDICT_ROWS', 7_001)    # any block size for row-wise models
     assert np.array_equal(training.in_blocks(ridge.predict, X), whole['ridge'])
     assert np.array_equal(training.in_blocks(lgbm.predict, X), whole['lightgbm'])
+    rows = np.r_[30_000:40_000, 5:20_000:3]    # by position (the ensemble's validation rows): as on a copy of those rows
+    for name, model in [('ridge', ridge), ('lightgbm', lgbm)]:
+        assert np.array_equal(training.in_blocks(model.predict, X, rows), whole[name][rows])
+    monkeypatch.setattr(training, 'PREDICT_ROWS', 16_384)   # the network's float sums depend on its batches: same batches
+    got, copied = training.in_blocks(net.predict, X, rows), training.in_blocks(net.predict, X.iloc[rows])
+    assert np.array_equal(got.index.to_numpy(), rows) and np.array_equal(got.to_numpy(), copied.to_numpy())
+    assert np.allclose(got['fwd_ret_5m'].to_numpy(), whole['net'][rows], atol=1e-6)
 
 
 # Run in a fresh interpreter: how glibc lays out the heap depends on everything the process did before, and in a

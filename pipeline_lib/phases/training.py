@@ -112,10 +112,9 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
             fits.ridge[t] = r
             say(f'ridge {t}: alpha {r.alpha:g} (validation MSE), {r.seconds:.1f} s')
     if 'ensemble' in models:
-        Xva = X.iloc[va]
         for t in lgbm_targets:
             with _Clock(fits, 'ensemble'):
-                members = member_predictions(fits, t, Xva)
+                members = member_predictions(fits, t, X, rows=va)   # by position: no copy of the validation rows
                 fits.ensemble[t] = fit_ensemble(members, Yva[t].to_numpy(float), target=t, timestamps=ts[va],
                                                 purge_bars=int(opts.get('purge_bars', 0)))
             say(f'ensemble {t}: weights ' + ', '.join(f'{k} {v:.3f}' for k, v in fits.ensemble[t].as_dict().items())
@@ -126,19 +125,23 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
 PREDICT_ROWS = 16_384 * 16   # rows per prediction block: a multiple of the network's prediction batch (16,384), so
                              # that blocks change no batch, and small enough that a block's float64 copies stay small
 
-def in_blocks(predict, X: pd.DataFrame):
-    "`predict(X)` a block of `PREDICT_ROWS` rows at a time (scalers' float64 copies and activations stay bounded)."
-    if len(X) <= PREDICT_ROWS: return predict(X)
-    parts = [predict(X.iloc[a:a + PREDICT_ROWS]) for a in range(0, len(X), PREDICT_ROWS)]
+def in_blocks(predict, X: pd.DataFrame, rows=None):
+    """`predict(X)`, or `predict` of the rows of `X` at positions `rows`, a block of `PREDICT_ROWS` rows at a time
+    (scalers' float64 copies and activations stay bounded, and no copy of all the rows is made)."""
+    n = len(X) if rows is None else len(rows)
+    at = (lambda a: X.iloc[a:a + PREDICT_ROWS]) if rows is None else (lambda a: X.iloc[rows[a:a + PREDICT_ROWS]])
+    if n <= PREDICT_ROWS: return predict(X if rows is None else X.iloc[rows])
+    parts = [predict(at(a)) for a in range(0, n, PREDICT_ROWS)]
     return pd.concat(parts) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts)
 
-def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None) -> dict:
-    "The ensemble members' predictions of `target` on `X`: lightgbm, the network's head, ridge (where trained)."
+def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None, rows=None) -> dict:
+    """The ensemble members' predictions of `target` on `X` (or on its rows at positions `rows`): lightgbm, the
+    network's head, ridge (where trained)."""
     out = {}
-    if target in fits.lightgbm: out['lightgbm'] = in_blocks(fits.lightgbm[target].predict, X)
+    if target in fits.lightgbm: out['lightgbm'] = in_blocks(fits.lightgbm[target].predict, X, rows)
     if fits.multitask is not None and target in fits.multitask.heads:
-        out['multitask'] = (mt_pred if mt_pred is not None else in_blocks(fits.multitask.predict, X))[target].to_numpy(float)
-    if target in fits.ridge: out['ridge'] = in_blocks(fits.ridge[target].predict, X)
+        out['multitask'] = (mt_pred if mt_pred is not None else in_blocks(fits.multitask.predict, X, rows))[target].to_numpy(float)
+    if target in fits.ridge: out['ridge'] = in_blocks(fits.ridge[target].predict, X, rows)
     return out
 
 # %% ../../nbs/509_phases.training.ipynb #e67dc8a8
