@@ -146,8 +146,8 @@ def test_a_later_writer_keeps_other_columns_and_a_rerun_replaces_its_own(run, tm
 def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path, monkeypatch):
     """Phase 3 writes the same non-gap rows as Phase 2: the merge reads the file a row group at a time and writes the
     columns side by side, without the keyed join. The result and the file equal the keyed join's (schema and pandas
-    metadata those of `to_parquet`); `columns` returns only the columns asked for; a changed target still refuses to
-    mix; rows in another order take the keyed join."""
+    metadata those of `to_parquet`); `columns` returns only the columns asked for, `splits` only those rows (both
+    ways); a changed target still refuses to mix; rows in another order take the keyed join."""
     import pyarrow.parquet as pq
     from pipeline_lib.phases import phase2
     _, root, res = run
@@ -169,10 +169,16 @@ def test_merging_the_same_rows_side_by_side_equals_the_keyed_join(run, tmp_path,
     some = merge_predictions(path, new.assign(lstm__fwd_ret_5m=2.0), columns=wanted)
     assert list(some.columns) == [c for c in expected.columns if wanted(c)] and (some['lstm__fwd_ret_5m'] == 2.0).all()
     pd.testing.assert_frame_equal(some.drop(columns='lstm__fwd_ret_5m'), expected[list(some.columns.drop('lstm__fwd_ret_5m'))])
+    evaluated = merge_predictions(path, new, columns=wanted, splits=('valid', 'test'))   # only these rows read back
+    keep = expected['split'].isin(['valid', 'test']).to_numpy()
+    assert 0 < len(evaluated) < len(expected) and not calls
+    pd.testing.assert_frame_equal(evaluated, expected.loc[keep, list(evaluated.columns)].reset_index(drop=True))
     phase2.write_row_groups(old, path, rows=1000)
     reordered = merge_predictions(path, new.iloc[::-1])              # the same rows in another order: the keyed join
     assert calls and list(reordered.columns) == list(expected.columns)
     pd.testing.assert_frame_equal(reordered, expected)
+    tested = merge_predictions(path, new.iloc[::-1], splits=('test',))   # the keyed join's rows of one split
+    pd.testing.assert_frame_equal(tested, expected[expected['split'].eq('test').to_numpy()].reset_index(drop=True))
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always')
         other = merge_predictions(path, new.assign(fwd_ret_5m=new['fwd_ret_5m'] + 1))   # another run's targets

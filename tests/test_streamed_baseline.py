@@ -147,8 +147,19 @@ def test_fit_models_and_predict_all_take_the_store(data):
     assert np.array_equal(p_store[scored], p_mem['baseline_all_features__fwd_ret_5']) and len(p_store) == n
 
 
-def test_predictions_in_blocks_equal_one_call(monkeypatch):
-    "Phase 2 predicts a block of rows at a time; for each model the blocks give the values of one call."
+def mapped_kb(path) -> int:
+    "Resident kB of this process's maps of the file `path`, from /proc/self/smaps (a header line per map, then its fields)."
+    kb, inside = 0, False
+    for line in open('/proc/self/smaps'):
+        first = line.split(maxsplit=1)[0] if line.strip() else ''
+        if '-' in first and not first.endswith(':'): inside = line.rstrip().endswith(str(path))
+        elif inside and first == 'Rss:': kb += int(line.split()[1])
+    return kb
+
+
+def test_predictions_in_blocks_equal_one_call(monkeypatch, tmp_path):
+    """Phase 2 predicts a block of rows at a time; for each model the blocks give the values of one call. On a
+    memory-mapped X (the compact store) too, and no page of its file stays resident after each block."""
     from pipeline_lib.models.multitask import MultiTaskModel
     from pipeline_lib.models.tabular import fit_lgbm, fit_ridge
     from pipeline_lib.phases import training
@@ -172,6 +183,14 @@ def test_predictions_in_blocks_equal_one_call(monkeypatch):
     got, copied = training.in_blocks(net.predict, X, rows), training.in_blocks(net.predict, X.iloc[rows])
     assert np.array_equal(got.index.to_numpy(), rows) and np.array_equal(got.to_numpy(), copied.to_numpy())
     assert np.allclose(got['fwd_ret_5m'].to_numpy(), whole['net'][rows], atol=1e-6)
+    np.save(tmp_path/'X.npy', np.ascontiguousarray(X.to_numpy()))   # row-major, as the compact store
+    mapped = pd.DataFrame(np.load(tmp_path/'X.npy', mmap_mode='c'), columns=X.columns, copy=False)   # as Phase 2's X
+    assert np.array_equal(training.in_blocks(net.predict, mapped).to_numpy(), training.in_blocks(net.predict, X).to_numpy())
+    for name, model in [('ridge', ridge), ('lightgbm', lgbm)]:
+        float(mapped.iloc[:, 0].sum())                      # every page resident, as after any pass over the rows
+        assert sys.platform != 'linux' or mapped_kb(tmp_path/'X.npy') > 0.9 * X.to_numpy().nbytes / 1024
+        assert np.array_equal(training.in_blocks(model.predict, mapped), whole[name])
+        assert sys.platform != 'linux' or mapped_kb(tmp_path/'X.npy') == 0
 
 
 # Run in a fresh interpreter: how glibc lays out the heap depends on everything the process did before, and in a

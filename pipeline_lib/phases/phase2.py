@@ -91,9 +91,10 @@ def _same(a: pd.Series, b: pd.Series) -> bool:
     if a.dtype == b.dtype and a.dtype != object: return a.equals(b)     # timestamps, strings: no formatting per row
     return bool((a.astype(str).to_numpy() == b.astype(str).to_numpy()).all())
 
-def merge_predictions(path, new: pd.DataFrame, owned=None, columns=None) -> pd.DataFrame:
+def merge_predictions(path, new: pd.DataFrame, owned=None, columns=None, splits=None) -> pd.DataFrame:
     """Merge `new` into the parquet at `path` on (symbol, timestamp) and write it atomically; returns the merged frame,
-    or only the columns whose name `columns(name)` accepts. `owned`: the prediction columns this writer produces
+    or only the columns whose name `columns(name)` accepts and the rows whose `split` is one of `splits` (numbered
+    from 0; read back from the file without its other rows). `owned`: the prediction columns this writer produces
     (default: the `<model>__<target>` columns of `new`)."""
     import pyarrow.parquet as pq
     path = Path(path)
@@ -107,13 +108,15 @@ def merge_predictions(path, new: pd.DataFrame, owned=None, columns=None) -> pd.D
                 agree = _file_matches(new, old, shared)
                 if agree:
                     atomic_write(path, lambda tmp: write_frames(_side_by_side(new, old), tmp))
-                    return pd.read_parquet(path, columns=wanted(pq.read_schema(path).names))
+                    return pd.read_parquet(path, columns=wanted(pq.read_schema(path).names),
+                                           filters=None if splits is None else [('split', 'in', list(splits))])
             merged = None if agree is False else _joined(new, pd.read_parquet(path), shared)
             if merged is None:
                 warnings.warn(f'{path} holds predictions of another run or data (its keys or realised targets differ); '
                               'replacing it with this run\'s', stacklevel=2)
             else: out = merged
         atomic_write(path, lambda tmp: write_row_groups(out, tmp))
+    if splits is not None: out = out[out['split'].isin(list(splits)).to_numpy()].reset_index(drop=True)
     return out[wanted(out.columns)]
 
 PARQUET_ROW_GROUP = 1 << 20   # rows: pyarrow's default row group, so the file is the one `to_parquet` writes

@@ -17,7 +17,8 @@ from ..features.store import FeatureStore
 from ..models.ensemble import fit_ensemble
 from ..models.multitask import MultiTaskModel
 from ..models.store_rows import StoreRows
-from ..models.tabular import EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, release_freed_memory
+from ..models.tabular import (EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, release_freed_memory,
+                                         release_mapped_pages)
 
 # %% auto #0
 __all__ = ['PREDICT_ROWS', 'Fits', 'fit_models', 'in_blocks', 'member_predictions', 'predict_all']
@@ -127,12 +128,15 @@ PREDICT_ROWS = 16_384 * 16   # rows per prediction block: a multiple of the netw
 
 def in_blocks(predict, X: pd.DataFrame, rows=None):
     """`predict(X)`, or `predict` of the rows of `X` at positions `rows`, a block of `PREDICT_ROWS` rows at a time
-    (scalers' float64 copies and activations stay bounded, and no copy of all the rows is made)."""
+    (scalers' float64 copies and activations stay bounded, and no copy of all the rows is made). A memory-mapped
+    `X` has its pages released after each block (`release_mapped_pages`)."""
     n = len(X) if rows is None else len(rows)
     at = (lambda a: X.iloc[a:a + PREDICT_ROWS]) if rows is None else (lambda a: X.iloc[rows[a:a + PREDICT_ROWS]])
-    if n <= PREDICT_ROWS: return predict(X if rows is None else X.iloc[rows])
-    parts = [predict(at(a)) for a in range(0, n, PREDICT_ROWS)]
-    return pd.concat(parts) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts)
+    parts = []
+    for a in range(0, max(n, 1), PREDICT_ROWS):
+        parts.append(predict(at(a)))
+        release_mapped_pages(X)
+    return parts[0] if len(parts) == 1 else (pd.concat(parts) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts))
 
 def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None, rows=None) -> dict:
     """The ensemble members' predictions of `target` on `X` (or on its rows at positions `rows`): lightgbm, the
