@@ -15,9 +15,10 @@ from ..core.schema import fmt_value
 
 # %% auto #0
 __all__ = ['BYTES_PER_FEATURE', 'ROW_BYTES', 'BUILD_COPIES', 'CROSS_SECTION_BYTES', 'PHASE1_COPIES', 'BIN_BYTES',
-           'BIN_SAMPLE_ROWS', 'PARTITION_COPIES', 'PREDICTIONS_BYTES', 'LIBRARY_BYTES', 'WORKER_BYTES', 'resolve_data',
-           'load_data', 'ResourceError', 'available_memory', 'estimate_file_rows', 'data_options',
-           'data_option_problems', 'stage_bytes', 'estimate_bytes', 'effective_rows', 'run_sizes', 'memory_check']
+           'BIN_SAMPLE_ROWS', 'PARTITION_COPIES', 'PREDICTIONS_BYTES', 'LIBRARY_BYTES', 'SEQUENCE_WORK_BYTES',
+           'WORKER_BYTES', 'resolve_data', 'load_data', 'ResourceError', 'available_memory', 'estimate_file_rows',
+           'data_options', 'data_option_problems', 'stage_bytes', 'estimate_bytes', 'effective_rows', 'run_sizes',
+           'memory_check']
 
 # %% ../../nbs/605_driver.preflight.ipynb #b536dbce
 def resolve_data(data_dir=None, cfg: dict | None = None, settings: dict | None = None):
@@ -60,12 +61,13 @@ PHASE1_COPIES = 4.5              # Phase 1's sample: the matrix, the fold slices
 BIN_BYTES = 1.0                  # Phase 2's training, per feature per training row: LightGBM's binned rows, a byte each
 BIN_SAMPLE_ROWS = 200_000        # LightGBM's float64 sample of training rows for its bin boundaries (bin_construct_sample_cnt)
 PARTITION_COPIES = 3.0           # a feature store partition read for the baseline: Arrow's, pandas' and LightGBM's copies
-PREDICTIONS_BYTES = 360          # Phase 3, per row: its predictions frame, and the validation and test rows of
+PREDICTIONS_BYTES = 270          # Phase 3, per row: its predictions frame, and the validation and test rows of
                                  # predictions.parquet read back beside it for the comparison
 LIBRARY_BYTES = 2**29            # Phases 2 and 3: torch, LightGBM, pandas and pyarrow loaded (0.45 GB resident measured)
+SEQUENCE_WORK_BYTES = 0.9 * 2**30   # Phase 3, whatever the rows: torch's working memory as it trains and scores windows
 # The compact store's mapped pages are released after each pass (models.tabular.release_mapped_pages): not counted.
-# Measured peaks (bench/bench_scale.py, 61 of 421 features): Phase 2 2.72 GiB at 0.97M rows and 6.90 GiB at 9.7M
-# (estimated 2.78 and 7.09); Phase 3 5.95 GiB at 9.7M (PREDICTIONS_BYTES is set from it).
+# Measured peaks (bench/bench_scale.py, 61 of 421 features), against the estimates: Phase 2 2.72 GiB at 0.97M rows
+# and 6.90 GiB at 9.7M (estimated 2.78, 7.09); Phase 3 1.84 and 5.95 GiB (estimated 1.86, 6.02).
 WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
 class ResourceError(PipelineError):
@@ -139,7 +141,7 @@ def stage_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61,
             'phase1': base + sample * n_features * BYTES_PER_FEATURE * PHASE1_COPIES + compact,
             'phase2': (base + train * (n_features + n_out) * BIN_BYTES + min(train, BIN_SAMPLE_ROWS) * n_features * 8
                        + part * n_features * BYTES_PER_FEATURE * PARTITION_COPIES + LIBRARY_BYTES),
-            'phase3': base + rows * PREDICTIONS_BYTES + LIBRARY_BYTES}
+            'phase3': base + rows * PREDICTIONS_BYTES + LIBRARY_BYTES + SEQUENCE_WORK_BYTES}
 
 def estimate_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61, **sizes) -> int:
     "Peak bytes of a run on `rows` bars: its largest stage (`stage_bytes`)."

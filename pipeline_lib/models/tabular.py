@@ -45,8 +45,9 @@ def release_mapped_pages(X) -> bool:
     """Take the pages of the file that `X` is mapped from (`mapped_file`) out of this process's resident memory, once a
     pass over its rows is done; False when `X` is not mapped. The kernel's page cache may keep them, and the next
     read maps them in again: without this, every page a pass has read stays resident (2.4 GB for the compact store
-    at 9.7M rows) beside what the next step allocates. Only for maps that are never written through, as the
-    compact store's: a copy-on-write page written to would be discarded."""
+    at 9.7M rows) beside what the next step allocates. A shared map's writes are in the page cache already and are
+    kept (the compact store as Phase 1 writes it); a copy-on-write map must never have been written through (the
+    compact store as Phases 2 and 3 read it), or its written pages would be discarded."""
     m, dont_need = mapped_file(X), getattr(mmap, 'MADV_DONTNEED', None)
     if m is None or m.closed or dont_need is None: return False
     m.madvise(dont_need)

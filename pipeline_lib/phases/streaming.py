@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..core.atomic import atomic_write, atomic_write_json, read_json, require_free_disk, sweep_dead_temps
 from ..core.errors import ArtifactError
 from ..core.writer import sha256_file
+from ..models.tabular import release_mapped_pages
 
 # %% auto #0
 __all__ = ['COMPACT_FILE', 'COMPACT_META', 'COMPACT_KEEP', 'sample_training_rows', 'sample_note', 'transform_rows', 'compact_dir',
@@ -71,6 +72,8 @@ def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000, out: np.ndarray
     for lo, hi in tqdm(bounds, desc='Phase 1 transform', unit='partition', disable=not progress or len(bounds) < 2):
         a, b = np.searchsorted(rows, [lo, hi])
         if a < b: out[a:b] = ft.transform(rd.read_features(cols, rows[a:b])).to_numpy(np.float32)
+        release_mapped_pages(out)   # a memory-mapped `out` (the compact store being written): its written pages are in
+                                    # the page cache, not kept resident here (3.9 GB of them at 19.5M rows)
     return out
 
 # %% ../../nbs/511_phases.streaming.ipynb #81fb3c88
