@@ -65,9 +65,10 @@ PREDICTIONS_BYTES = 270          # Phase 3, per row: its predictions frame, and 
                                  # predictions.parquet read back beside it for the comparison
 LIBRARY_BYTES = 2**29            # Phases 2 and 3: torch, LightGBM, pandas and pyarrow loaded (0.45 GB resident measured)
 SEQUENCE_WORK_BYTES = 0.9 * 2**30   # Phase 3, whatever the rows: torch's working memory as it trains and scores windows
-# The compact store's mapped pages are released after each pass (models.tabular.release_mapped_pages): not counted.
-# Measured peaks (bench/bench_scale.py, 61 of 421 features), against the estimates: Phase 2 2.72 GiB at 0.97M rows
-# and 6.90 GiB at 9.7M (estimated 2.78, 7.09); Phase 3 1.84 and 5.95 GiB (estimated 1.86, 6.02).
+# The compact store's mapped pages are released after each pass (models.tabular.release_mapped_pages); Phase 2 counts
+# the network's scaled float32 copy of its training and validation rows instead (at most every row's N + 11 columns).
+# Measured peaks (bench/bench_scale.py, 61 of 421 features), against the estimates: Phase 2 2.72 GiB at 0.97M rows,
+# 6.90 at 9.7M and 13.41 at 19.4M (estimated 3.00, 9.30, 16.30); Phase 3 1.84 and 5.95 GiB (estimated 1.86, 6.02).
 WORKER_BYTES = 300 * 2**20       # a spawned build process: interpreter, numpy, pandas, numba
 
 class ResourceError(PipelineError):
@@ -139,7 +140,7 @@ def stage_bytes(rows: int, n_features: int, n_targets: int = 5, n_out: int = 61,
     compact = rows * n_out * BYTES_PER_FEATURE
     return {'features': base + build,
             'phase1': base + sample * n_features * BYTES_PER_FEATURE * PHASE1_COPIES + compact,
-            'phase2': (base + train * (n_features + n_out) * BIN_BYTES + min(train, BIN_SAMPLE_ROWS) * n_features * 8
+            'phase2': (base + compact + train * (n_features + n_out) * BIN_BYTES + min(train, BIN_SAMPLE_ROWS) * n_features * 8
                        + part * n_features * BYTES_PER_FEATURE * PARTITION_COPIES + LIBRARY_BYTES),
             'phase3': base + rows * PREDICTIONS_BYTES + LIBRARY_BYTES + SEQUENCE_WORK_BYTES}
 
