@@ -64,7 +64,7 @@ PARTITION_COPIES = 3.0           # a feature store partition read for the baseli
 PREDICTIONS_BYTES = 270          # Phase 3, per row: its predictions frame, and the validation and test rows of
                                  # predictions.parquet read back beside it for the comparison
 LIBRARY_BYTES = 2**29            # Phases 2 and 3: torch, LightGBM, pandas and pyarrow loaded (0.45 GB resident measured)
-SEQUENCE_WORK_BYTES = 0.9 * 2**30   # Phase 3, whatever the rows: torch's working memory as it trains and scores windows
+SEQUENCE_WORK_BYTES = int(0.9 * 2**30)   # Phase 3, whatever the rows: torch's working memory as it trains and scores windows
 # The compact store's mapped pages are released after each pass (models.tabular.release_mapped_pages); Phase 2 counts
 # the network's scaled float32 copy of its training and validation rows instead (at most every row's N + 11 columns).
 # Measured peaks (bench/bench_scale.py, 61 of 421 features), against the estimates: Phase 2 2.72 GiB at 0.97M rows,

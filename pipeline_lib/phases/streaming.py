@@ -73,7 +73,7 @@ def transform_rows(ft, rd, rows=None, chunk_rows: int = 250_000, out: np.ndarray
         a, b = np.searchsorted(rows, [lo, hi])
         if a < b: out[a:b] = ft.transform(rd.read_features(cols, rows[a:b])).to_numpy(np.float32)
         release_mapped_pages(out)   # a memory-mapped `out` (the compact store being written): its written pages are in
-                                    # the page cache, not kept resident here (3.9 GB of them at 19.5M rows)
+                                    # the page cache, not kept resident here (3.9 GB of them at 19.4M rows)
     return out
 
 # %% ../../nbs/511_phases.streaming.ipynb #81fb3c88

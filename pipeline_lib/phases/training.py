@@ -17,7 +17,7 @@ from ..features.store import FeatureStore
 from ..models.ensemble import fit_ensemble
 from ..models.multitask import MultiTaskModel
 from ..models.store_rows import StoreRows
-from ..models.tabular import (EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, release_freed_memory,
+from ..models.tabular import (EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, mapped_file, release_freed_memory,
                                          release_mapped_pages)
 
 # %% auto #0
@@ -132,10 +132,10 @@ def in_blocks(predict, X: pd.DataFrame, rows=None):
     `X` has its pages released after each block (`release_mapped_pages`)."""
     n = len(X) if rows is None else len(rows)
     at = (lambda a: X.iloc[a:a + PREDICT_ROWS]) if rows is None else (lambda a: X.iloc[rows[a:a + PREDICT_ROWS]])
-    parts = []
+    parts, mapped = [], mapped_file(X)
     for a in range(0, max(n, 1), PREDICT_ROWS):
         parts.append(predict(at(a)))
-        release_mapped_pages(X)
+        if mapped is not None: release_mapped_pages(mapped)
     return parts[0] if len(parts) == 1 else (pd.concat(parts) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts))
 
 def member_predictions(fits: Fits, target: str, X: pd.DataFrame, mt_pred: pd.DataFrame | None = None, rows=None) -> dict:
