@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                '  python run_notebooks.py --config configs/quick.yaml --phases 1\n'
                '  python run_notebooks.py --set phase1.n_features=30 --run-name top30\n'
                '  python run_notebooks.py --grid phase1.n_features=20,50 --workers 2 --run-name nfeat\n'
+               '  python run_notebooks.py --grid phase1.n_features=20,50 --scheduler tcp://10.0.0.5:8786 --run-name nfeat\n'
                '  python run_notebooks.py --data-dir ~/bars --set primary_target=fwd_ret_5d\n'
                '  python run_notebooks.py --list')
     p.add_argument('--config', metavar='FILE', help='YAML of overrides, merged over configs/experiment_defaults.yaml')
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--grid', action='append', default=[], metavar='KEY=V1,V2',
                    help='sweep a dotted key (repeatable; the cartesian product becomes separate runs under runs/<run>/)')
     p.add_argument('--workers', type=int, default=1, metavar='N', help='grid runs executed in parallel (default 1)')
+    p.add_argument('--scheduler', metavar='ADDRESS', help='a Dask scheduler (tcp://host:8786) or local:N (a LocalCluster of N '
+                   'worker processes here): feature partitions, grid runs and phase2.engine: dask go to its workers '
+                   "(default: settings.ini's scheduler; none: nothing of Dask is imported)")
     p.add_argument('--metadata-dir', metavar='DIR', help='Phase 1 artifacts of a single run (default: metadata/ in the repo root)')
     p.add_argument('--output-dir', metavar='DIR', help='model artifacts of a single run (default: output/ in the repo root)')
     p.add_argument('--reports-dir', metavar='DIR', help='where reports/<run>/ and index.html go (default: reports/)')
@@ -56,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 # %% ../../nbs/611_driver.cli.ipynb #1f05f4d1
 def describe_plan(plan: Plan, say=say) -> None:
     "Print what `execute_plan` would do."
-    say(f'{len(plan.runs)} run(s), phases {" ".join(map(str, plan.phases))}, workers {plan.workers}:')
+    where = (f'on the Dask cluster {plan.scheduler}' if plan.scheduler and len(plan.runs) > 1 else
+             f'here, its kernels sending work to the Dask cluster {plan.scheduler}' if plan.scheduler else f'workers {plan.workers}')
+    say(f'{len(plan.runs)} run(s), phases {" ".join(map(str, plan.phases))}, {where}:')
     for r in plan.runs:
         say(f'  {r.name}  config {r.config_hash}  data {r.data_label}')
         say(f'    changed from defaults: {", ".join(f"{k}={json.dumps(v, default=str)}" for k, v in r.config_diff.items() if k != "data.source") or "nothing"}')
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
             return EXIT_OK
         opts = Options(config=args.config, sets=args.sets, phases=args.phases, data_dir=args.data_dir,
                        run_name=args.run_name, grid=args.grid, workers=args.workers, metadata_dir=args.metadata_dir,
-                       output_dir=args.output_dir, reports_dir=args.reports_dir, nbs_dir=args.nbs_dir,
+                       output_dir=args.output_dir, reports_dir=args.reports_dir, nbs_dir=args.nbs_dir, scheduler=args.scheduler,
                        command=' '.join(['python run_notebooks.py', *argv]))
         plan = plan_runs(opts)
     except PipelineError as e:

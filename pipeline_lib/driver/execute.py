@@ -12,13 +12,18 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
+from collections import Counter
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from ..core.cluster import NO_SCHEDULER, SCHEDULER_ENV
 from ..core.config import load_settings
+from ..core.executor import available_cores
 from . import resource_text
 from .errors import (
     EXIT_INTERRUPTED, EXIT_OK, EXIT_PHASE_FAILED, one_line, read_json_object, say, short_path)
@@ -191,6 +196,8 @@ def _execute_run(run: RunPlan, plan: Plan, env: dict, progress: bool, say) -> li
             html_note = f', report {short_path(run.reports_dir/res.html, plan.root)}' if res.html else ''
             say(f'[{run.name}] phase {n}: {res.status} in {res.seconds:.1f} s{html_note}')
             if res.status != 'ok': failed.add(n)
+            # the phases so far, so that a run whose worker dies is recorded up to the phase it died in
+            merge_json_atomic(run.reports_dir/'metrics.json', 'run', _run_record(run, 'running', started, time.perf_counter() - t0, results))
             if res.status == 'interrupted': raise KeyboardInterrupt
     finally:
         status = ('interrupted' if any(r.status == 'interrupted' for r in results) else
@@ -206,13 +213,89 @@ def _execute_run(run: RunPlan, plan: Plan, env: dict, progress: bool, say) -> li
     return results
 
 # %% ../../nbs/610_driver.execute.ipynb #db49519a
-def _worker(run: RunPlan, plan: Plan, env: dict, threads: int | None, parent: int | None = None):
-    _guard_parent(parent)  # a killed driver must not leave a worker running the rest of its run
-    if threads:
-        for v in ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'NUMBA_NUM_THREADS'):
-            os.environ.setdefault(v, str(threads))
-    results = execute_run(run, plan, env, progress=False)
+_THREAD_VARS = ('OMP_NUM_THREADS', 'MKL_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'NUMBA_NUM_THREADS')
+_ONE_RUN_AT_A_TIME = threading.Lock()   # a run sets this process's environment for its kernels
+
+def _worker(run: RunPlan, plan: Plan, env: dict, threads, parent: int | None = None):
+    """One run in a worker process: a local pool's (`parent`: the driver, whose death ends it) or a Dask worker's
+    (`threads`: a mapping of worker address to threads). On a cluster the run's kernels compute features with
+    processes of their own machine: the cluster's workers are busy with the grid's runs."""
+    if parent is not None: _guard_parent(parent)  # a killed driver must not leave a worker running the rest of its run
+    with _ONE_RUN_AT_A_TIME:
+        if isinstance(threads, dict):
+            from distributed import get_worker
+            os.environ[SCHEDULER_ENV] = NO_SCHEDULER
+            os.chdir(plan.root)   # as the driver's: paths in messages and records are written relative to it
+            n = threads.get(get_worker().address) or available_cores()
+            for v in _THREAD_VARS: os.environ[v] = str(n)   # a Dask nanny starts its workers with 1
+        elif threads:
+            for v in _THREAD_VARS: os.environ.setdefault(v, str(threads))
+        results = execute_run(run, plan, env, progress=False)
     return run.name, results
+
+def _threads_per_worker(client) -> dict:
+    "Each Dask worker's threads for a run's kernels: its machine's cores shared among that machine's workers."
+    cores = client.run(available_cores)
+    host = lambda address: address.rsplit(':', 1)[0]
+    per_host = Counter(host(a) for a in cores)
+    return {a: max(1, c // per_host[host(a)]) for a, c in cores.items()}
+
+def _lost_run(run: RunPlan, plan: Plan, error: BaseException) -> list[PhaseResult]:
+    """Record run `run`, whose worker raised `error` or died: the phases it finished as its worker recorded them,
+    the next one failed with the error, the rest skipped. Returns the failed and skipped phases' results."""
+    from pipeline_lib.core.artifacts import dir_lock, merge_json_atomic
+    rec = read_json_object(run.reports_dir/'metrics.json').get('run', {})
+    done = rec.get('phases', {}) if rec.get('status') == 'running' else {}
+    todo = [n for n in run.phases if str(n) not in done] or run.phases[-1:]
+    ename, evalue = type(error).__name__, one_line(str(error))[:2000].rstrip('.')
+    how = 'its worker died' if ename == 'KilledWorker' else 'its worker raised an error'
+    logs = sorted(run.logs_dir.glob(f'phase{todo[0]}_*.log'), key=lambda p: p.stat().st_mtime)   # its last attempt's
+    failed = PhaseResult(todo[0], 'failed', notebook=short_path(plan.phases[todo[0]].path, plan.root),
+                         log=str(logs[-1]) if logs else None, error={'cell': None, 'ename': ename, 'evalue': evalue})
+    failed.message = (f'Phase {todo[0]} ({failed.notebook}) of run {run.name!r} failed: {how}: {ename}: {evalue}. '
+                      f'What it wrote is under {short_path(run.reports_dir, plan.root)}'
+                      + (f'; its output up to then is in {short_path(logs[-1], plan.root)}.' if logs else '.'))
+    skipped = [PhaseResult(n, 'skipped', notebook=short_path(plan.phases[n].path, plan.root),
+                           message=f'Phase {n} of run {run.name!r} skipped: its worker was lost in phase {todo[0]}.')
+               for n in todo[1:]]
+    started = rec.get('started')
+    seconds = (_dt.datetime.now() - _dt.datetime.fromisoformat(started)).total_seconds() if started else 0.0
+    record = _run_record(run, 'failed', started, seconds, [failed, *skipped])
+    record['phases'] = {**done, **record['phases']}
+    record.update({k: rec[k] for k in ('pid', 'host') if k in rec})   # the worker's, not the driver's
+    run.reports_dir.mkdir(parents=True, exist_ok=True)
+    merge_json_atomic(run.reports_dir/'metrics.json', 'run', record)
+    with contextlib.suppress(Exception):
+        with dir_lock(plan.reports_base): build_index(plan.reports_base, plan.defaults)
+    return [failed, *skipped]
+
+def _gather(executor, jobs: list, plan: Plan, say) -> dict:
+    "Run name -> phase results of every job (`(run, (fn, *args))`) submitted to `executor`, a lost run recorded as such."
+    futures = {executor.submit(*job): run for run, job in jobs}
+    outcome = {}
+    for f in as_completed(futures):
+        run = futures[f]
+        try: outcome[run.name] = f.result()[1]
+        except Exception as e:   # the worker raised, or died (Dask's KilledWorker, a broken process pool)
+            outcome[run.name] = _lost_run(run, plan, e)
+            say(f'[{run.name}] lost: {type(e).__name__}: {one_line(str(e))[:300]}')
+    return outcome
+
+def _on_cluster(plan: Plan, env: dict, progress: bool, say) -> dict:
+    "Execute `plan` with its Dask scheduler: a grid's runs as tasks on the workers, or a single run here."
+    from pipeline_lib.core.cluster import dashboard_link, dask_client, require_shared_path
+    with dask_client(plan.scheduler) as client:
+        link = dashboard_link(client)
+        say(f'Dask scheduler {client.scheduler.address}, {len(client.scheduler_info()["workers"])} worker(s)'
+            + (f', dashboard {link}' if link else ''))
+        if len(plan.runs) == 1:
+            with temp_environ(**{SCHEDULER_ENV: client.scheduler.address}):
+                return {r.name: execute_run(r, plan, env, progress=progress, say=say) for r in plan.runs}
+        for d in (plan.reports_base, *{r.artifact_root.parent for r in plan.runs}, _kernel_dir(plan.root)):
+            Path(d).mkdir(parents=True, exist_ok=True)
+            require_shared_path(client, d)
+        threads = _threads_per_worker(client)
+        return _gather(client.get_executor(pure=False), [(r, (_worker, r, plan, env, threads)) for r in plan.runs], plan, say)
 
 def execute_plan(plan: Plan, progress: bool = True, say=say) -> int:
     "Run every run of `plan`; print where the reports are and one paragraph per failure; return the exit status."
@@ -220,16 +303,15 @@ def execute_plan(plan: Plan, progress: bool = True, say=say) -> int:
     t0 = time.perf_counter()
     outcome = {}
     try:
-        if plan.workers > 1 and len(plan.runs) > 1:
+        if plan.scheduler:
+            outcome = _on_cluster(plan, env, progress, say)
+        elif plan.workers > 1 and len(plan.runs) > 1:
             import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import ProcessPoolExecutor
             n = min(plan.workers, len(plan.runs))
             threads = max(1, (os.cpu_count() or 1) // n)
             with ProcessPoolExecutor(n, mp_context=mp.get_context('spawn')) as ex:
-                futs = [ex.submit(_worker, r, plan, env, threads, os.getpid()) for r in plan.runs]
-                for f in as_completed(futs):
-                    name, results = f.result()
-                    outcome[name] = results
+                outcome = _gather(ex, [(r, (_worker, r, plan, env, threads, os.getpid())) for r in plan.runs], plan, say)
         else:
             for r in plan.runs: outcome[r.name] = execute_run(r, plan, env, progress=progress, say=say)
     except KeyboardInterrupt:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..core.cluster import parse_scheduler
 from ..core.config import PipelineError, config_hash, deep_merge, flatten, load_settings, read_yaml
 from .errors import ConfigError, NotebookError, read_json_object, short_path
 from .notebooks import (
@@ -26,8 +27,9 @@ from ..phases.dependencies import check_phase1_artifacts
 
 # %% auto #0
 __all__ = ['RunPlan', 'Plan', 'grid_run_name', 'config_diff', 'Options', 'Configs', 'resolve_configs', 'check_values',
-           'select_phases', 'check_run_options', 'name_runs', 'check_injected_parameters', 'preflight_data',
-           'check_feature_counts', 'check_targets', 'record_data', 'claim_run_names', 'check_phase1_reuse', 'plan_runs']
+           'select_phases', 'check_run_options', 'check_scheduler', 'name_runs', 'check_injected_parameters',
+           'preflight_data', 'check_feature_counts', 'check_targets', 'record_data', 'claim_run_names',
+           'check_phase1_reuse', 'plan_runs']
 
 # %% ../../nbs/606_driver.plan.ipynb #e6ae1a57
 @dataclass
@@ -69,6 +71,7 @@ class Plan:
     defaults: dict
     workers: int = 1
     command: str = ''
+    scheduler: str | None = None   # a Dask scheduler (local:N or an address): where the work goes
     warnings: list = field(default_factory=list)   # sentences main() prints before running
 
 # %% ../../nbs/606_driver.plan.ipynb #a6d5b30a
@@ -118,6 +121,7 @@ class Options:
     output_dir: str | None = None
     reports_dir: str | None = None
     nbs_dir: str | None = None
+    scheduler: str | None = None   # None: settings.ini's `scheduler`
     command: str = ''
 
 def _rerun_command(opts: Options, phases) -> str:
@@ -208,6 +212,23 @@ def check_run_options(opts: Options, is_grid: bool) -> None:
         raise ConfigError(f'--run-name {opts.run_name!r} must start with a letter or digit and use only letters, digits '
                           'and . _ - = + , (it becomes a folder name).')
     if opts.workers < 1: raise ConfigError(f'--workers must be at least 1, got {opts.workers}.')
+
+def check_scheduler(opts: Options, settings: dict, configs: Configs) -> str | None:
+    """Step 4b: the Dask scheduler (`--scheduler`, else settings.ini's `scheduler`), checked by name only (nothing
+    connects yet), and the configs that need one: `phase2.engine: dask` needs a cluster, and cannot share one with
+    the runs of a grid (its training tasks would wait for workers busy with those runs)."""
+    spec = opts.scheduler if opts.scheduler is not None else settings.get('scheduler')
+    try: kind = parse_scheduler(spec)
+    except PipelineError as e: raise ConfigError(f'--scheduler (or settings.ini scheduler =): {e}') from None
+    if any(((c.get('phase2') or {}).get('engine') or 'local') == 'dask' for c in configs.configs):
+        if kind is None:
+            raise ConfigError('phase2.engine: dask trains LightGBM on a Dask cluster, and no scheduler is set: add '
+                              '--scheduler local:N (N worker processes here) or --scheduler tcp://host:8786, or set '
+                              'scheduler = in settings.ini; or use phase2.engine: local.')
+        if configs.is_grid:
+            raise ConfigError('phase2.engine: dask in a --grid on a cluster: the grid\'s runs occupy the workers that '
+                              'its LightGBM would need. Run the grid with phase2.engine: local, or its points one at a time.')
+    return None if kind is None else str(spec).strip()
 
 def name_runs(opts: Options, settings: dict, configs: Configs, phases: dict, reports_base: Path) -> list[RunPlan]:
     "Step 5: one `RunPlan` per config: its name (`--run-name` or timestamp + config hash, then the grid point) and folders."
@@ -311,6 +332,7 @@ def plan_runs(opts: Options, root=None) -> Plan:
     check_values(configs, defaults)
     phases = select_phases(opts, root)
     check_run_options(opts, configs.is_grid)
+    scheduler = check_scheduler(opts, settings, configs)
     reports_base = Path(opts.reports_dir).resolve() if opts.reports_dir else settings['reports_dir']
     runs = name_runs(opts, settings, configs, phases, reports_base)
     check_injected_parameters(runs, phases)
@@ -322,7 +344,7 @@ def plan_runs(opts: Options, root=None) -> Plan:
     claim_run_names(runs, opts, reports_base, root, configs.is_grid)
     check_phase1_reuse(opts, runs, list(phases), bars, warnings)
     return Plan(runs=runs, phases=phases, root=root, reports_base=reports_base, settings=settings, defaults=defaults,
-                workers=opts.workers, command=opts.command, warnings=warnings)
+                workers=opts.workers, command=opts.command, scheduler=scheduler, warnings=warnings)
 
 # %% ../../nbs/606_driver.plan.ipynb #61c2df96
 def _feature_count(cfg: dict) -> int | None:

@@ -24,8 +24,8 @@ from .trainer import available_cores
 
 # %% auto #0
 __all__ = ['SCALER_BLOCK_COLUMNS', 'SCALER_BLOCK_ROWS', 'EARLY_STOPPING_ROUNDS', 'LGBM_PARAMS', 'LGBM_FIXED', 'RIDGE_ALPHAS',
-           'mapped_file', 'release_mapped_pages', 'TabularScaler', 'LGBMFit', 'release_freed_memory', 'fit_lgbm',
-           'RidgeFit', 'fit_ridge', 'paired_ic_difference', 'mean_ci']
+           'mapped_file', 'mapped_array', 'release_mapped_pages', 'TabularScaler', 'LGBMFit', 'release_freed_memory',
+           'fit_lgbm', 'RidgeFit', 'fit_ridge', 'paired_ic_difference', 'mean_ci']
 
 # %% ../../nbs/402_models.tabular.ipynb #cc44d54c
 # Fitting reads a few columns, transforming a block of rows, at a time: their float64 temporaries stay small
@@ -39,6 +39,15 @@ def mapped_file(X) -> mmap.mmap | None:
     while a is not None:
         if isinstance(a, mmap.mmap): return a
         a = getattr(a, '_mmap', None) or getattr(a, 'base', None)   # a numpy.memmap holds its map as `_mmap`
+    return None
+
+def mapped_array(X) -> np.memmap | None:
+    """The whole file-backed array (a `numpy.memmap` read with `np.load(mmap_mode=...)`) that the array or DataFrame
+    `X` is a view of, or None: how a worker on a shared filesystem can open the same rows by path (`.filename`)."""
+    a = X.iloc[:, 0].to_numpy() if isinstance(X, pd.DataFrame) and X.shape[1] else X
+    while a is not None:
+        if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename: return a
+        a = getattr(a, 'base', None)
     return None
 
 def release_mapped_pages(X) -> bool:
@@ -198,6 +207,8 @@ class LGBMFit:
         The columns passed to LightGBM as categorical.
     n_train, n_valid : int
         Rows with a finite target it trained and early-stopped on.
+    engine : dict or None
+        None when trained here; `fit_lgbm_dask`'s account (workers, rounds and how they were chosen) otherwise.
 
     Examples
     --------
@@ -220,6 +231,7 @@ class LGBMFit:
     categorical: list = field(default_factory=list)
     n_train: int = 0
     n_valid: int = 0
+    engine: dict | None = None   # how it was trained when not here (`models.lgbm_dask`); None: here
 
     @property
     def seconds_per_iteration(self) -> float:

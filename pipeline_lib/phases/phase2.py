@@ -43,6 +43,10 @@ def phase2_options(cfg: dict) -> dict:
     from `MODEL_NAMES`), plus `targets.demean_returns` and `purge_bars` (the longest label window: the ensemble's
     out-of-fold purge)."""
     s = check_section('phase2', (cfg or {}).get('phase2'), models=MODEL_NAMES)
+    if s['engine'] not in ('local', 'dask'):
+        raise PipelineError(f"phase2.engine must be 'local' or 'dask', not {s['engine']!r}")
+    if s['dask_rounds_rows'] < 100:
+        raise PipelineError(f"phase2.dask_rounds_rows must be at least 100 rows, not {s['dask_rounds_rows']}")
     if s['multitask']['loss_weights'] not in ('fixed', 'uncertainty'):
         raise PipelineError(f"phase2.multitask.loss_weights must be 'fixed' or 'uncertainty', not {s['multitask']['loss_weights']!r}")
     if s['seed'] is None: s['seed'] = int(load_settings()['seed'])
@@ -212,7 +216,8 @@ def model_metrics(frame: pd.DataFrame, fits: Fits, model_list, lgbm_targets) -> 
             d['seconds_per_iteration'] = first.seconds_per_iteration
             d['n_features'] = len(first.features)
             d['training'] = {t: {'best_iteration': f.best_iteration, 'n_iterations': f.n_iterations, 'seconds': f.seconds,
-                                 'seconds_per_iteration': f.seconds_per_iteration, 'n_train': f.n_train, 'n_valid': f.n_valid}
+                                 'seconds_per_iteration': f.seconds_per_iteration, 'n_train': f.n_train, 'n_valid': f.n_valid,
+                                 'engine': f.engine or {'name': 'local'}}
                              for t, f in fd.items()}
         elif name == 'multitask':
             mt = fits.multitask

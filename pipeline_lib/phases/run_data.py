@@ -17,9 +17,9 @@ import pandas as pd
 
 from ..core.config import PipelineError, load_config
 from ..data.load import describe_load, infer_interval, load_bars, load_options, load_summary
-from ..core.executor import local_executor
+from ..core.cluster import scheduler_setting, task_executor
 from ..features.build import build_features
-from ..features.store import FeatureStore, cached_store, data_fingerprint
+from ..features.store import FeatureStore, cached_store, data_fingerprint, feature_cache_dir
 from ..models.store_rows import StoreRows
 from ..data.market import cached_market, make_market
 from ..evaluation.metrics import evaluate
@@ -179,7 +179,8 @@ def prepare_run_data(cfg: dict, data_dir=None, cache_dir=None, progress: bool = 
     t0 = time.perf_counter()
     compute, store, frame, fingerprint = cfg['compute'], None, None, data_fingerprint(bars)
     try:
-        with local_executor(compute['processes']) as executor:
+        # partitions go to the Dask workers when a scheduler is set (they write to the shared cache), else to local processes
+        with task_executor(compute['processes'], scheduler_setting(), shared=feature_cache_dir(cache_dir)) as executor:
             store = cached_store(bars, cfg.get('features'), cache_dir=cache_dir, progress=progress,
                                  partition_rows=int(compute['partition_rows']), executor=executor, fingerprint=fingerprint)
     except OSError as e:

@@ -5,12 +5,15 @@
 # %% ../../nbs/509_phases.training.ipynb #5a2f0c04
 from __future__ import annotations
 
+import functools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from ..core.cluster import dask_client, scheduler_setting
 from ..core.config import PipelineError, load_settings
 from ..data.targets import fitting_targets
 from ..features.store import FeatureStore
@@ -21,7 +24,7 @@ from ..models.tabular import (EARLY_STOPPING_ROUNDS, fit_lgbm, fit_ridge, mapped
                                          release_mapped_pages)
 
 # %% auto #0
-__all__ = ['PREDICT_ROWS', 'Fits', 'fit_models', 'in_blocks', 'member_predictions', 'predict_all']
+__all__ = ['PREDICT_ROWS', 'Fits', 'lgbm_engine', 'fit_models', 'in_blocks', 'member_predictions', 'predict_all']
 
 # %% ../../nbs/509_phases.training.ipynb #eca5ea2e
 @dataclass
@@ -58,6 +61,21 @@ def _on_rows(n: int, block: np.ndarray, y: pd.Series) -> np.ndarray:
     out[block] = y.to_numpy(dtype=float, na_value=np.nan)
     return out
 
+@contextmanager
+def lgbm_engine(opts: dict):
+    """`with lgbm_engine(opts) as fit`: `fit_lgbm` for `phase2.engine: local`; for `dask`, `fit_lgbm_dask` bound to a
+    client of the run's scheduler (`core.cluster.scheduler_setting`) and `phase2.dask_rounds_rows`."""
+    if opts.get('engine', 'local') == 'local':
+        yield fit_lgbm
+        return
+    spec = scheduler_setting()
+    if spec is None:
+        raise PipelineError('phase2.engine: dask needs a Dask scheduler: run with --scheduler local:N or '
+                            '--scheduler tcp://host:8786, or set scheduler = in settings.ini')
+    from pipeline_lib.models.lgbm_dask import fit_lgbm_dask
+    with dask_client(spec) as client:
+        yield functools.partial(fit_lgbm_dask, client=client, rounds_rows=int(opts['dask_rounds_rows']))
+
 def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | None, targets: pd.DataFrame, split,
                timestamps, opts: dict, model_list, lgbm_targets, heads, progress: bool = True) -> Fits:
     """Train the configured models on `split == 'train'` rows, early-stopped on `'valid'` rows; ensemble weights on
@@ -77,20 +95,21 @@ def fit_models(X: pd.DataFrame, F: pd.DataFrame | StoreRows | FeatureStore | Non
     # block's rows from X (the mapped compact store) as they build their own matrix, with no copy of the rows first
     # (1.4 GB at 5.8M training rows x 61): the same rows in the same order, so the same model
     on = lambda block, y: _on_rows(len(X), block, y)
-    if 'lightgbm' in models or 'ensemble' in models:
-        for t in lgbm_targets:
-            with _Clock(fits, 'lightgbm'):
-                f = fit_lgbm(X, on(tr, Ytr[t]), X, on(va, Yva[t]), params=lp, seed=seed, early_stopping_rounds=es, target=t)
-            fits.lightgbm[t] = f
-            say(f'lightgbm {t}: best iteration {f.best_iteration} of {f.n_iterations}, {f.seconds:.1f} s '
-                f'({1e3 * f.seconds_per_iteration:.1f} ms/iteration, {X.shape[1]} features)')
-    if 'baseline_all_features' in models and F is not None:
-        t = lgbm_targets[0]
-        with _Clock(fits, 'baseline_all_features'):
-            f = fit_lgbm(F.iloc[tr], Ytr[t], F.iloc[va], Yva[t], params=lp, seed=seed, early_stopping_rounds=es, target=t)
-        fits.baseline[t] = f
-        say(f'baseline_all_features {t}: best iteration {f.best_iteration} of {f.n_iterations}, {f.seconds:.1f} s '
-            f'({1e3 * f.seconds_per_iteration:.1f} ms/iteration, {F.shape[1]} features)')
+    with lgbm_engine(opts) as fit_trees:   # fit_lgbm here, or fit_lgbm_dask on the cluster (phase2.engine)
+        if 'lightgbm' in models or 'ensemble' in models:
+            for t in lgbm_targets:
+                with _Clock(fits, 'lightgbm'):
+                    f = fit_trees(X, on(tr, Ytr[t]), X, on(va, Yva[t]), params=lp, seed=seed, early_stopping_rounds=es, target=t)
+                fits.lightgbm[t] = f
+                say(f'lightgbm {t}: best iteration {f.best_iteration} of {f.n_iterations}, {f.seconds:.1f} s '
+                    f'({1e3 * f.seconds_per_iteration:.1f} ms/iteration, {X.shape[1]} features)')
+        if 'baseline_all_features' in models and F is not None:
+            t = lgbm_targets[0]
+            with _Clock(fits, 'baseline_all_features'):
+                f = fit_trees(F.iloc[tr], Ytr[t], F.iloc[va], Yva[t], params=lp, seed=seed, early_stopping_rounds=es, target=t)
+            fits.baseline[t] = f
+            say(f'baseline_all_features {t}: best iteration {f.best_iteration} of {f.n_iterations}, {f.seconds:.1f} s '
+                f'({1e3 * f.seconds_per_iteration:.1f} ms/iteration, {F.shape[1]} features)')
     if 'multitask' in models or 'ensemble' in models:
         m = dict(opts['multitask'])
         weights = m['loss_weights'] if m['loss_weights'] == 'uncertainty' else (dict(m.get('head_weights') or {}) or 'fixed')
