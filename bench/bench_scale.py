@@ -9,12 +9,19 @@ its stores use, and the best model's test IC as a fraction of the oracle's.
     .venv/bin/python bench/bench_scale.py --sizes 500x100 --stages features,phase1,phase2   # 19.5M rows, no Phase 3
     .venv/bin/python bench/bench_scale.py --sizes 250x100 --set phase3.max_eval_predictions=200000   # a declared cap
     .venv/bin/python bench/bench_scale.py --sizes 500x100 --files --stages features,phase1,phase2   # 19.5M rows from files
+    .venv/bin/python bench/bench_scale.py --sizes 50x50 --scheduler local:2     # the same through a LocalCluster
 
 `--files` reads each size from parquet files, as a researcher's own data comes (`--data-dir`), instead of the
 embedded market: the market is simulated in blocks of 100 symbols, each with its own seed, and written one file per
 block. The embedded simulator holds every symbol's paths at once (about 540 bytes a row: 10.5 GB at 500x100, 26 GB
 at 49M rows, 500x252), which would add to the features stage's peak. There is no oracle for files, so no fraction of the
 oracle at such a size.
+
+`--scheduler local:N` (or a scheduler's address) runs the same stages with Dask: the feature partitions are built on
+the cluster's workers and Phase 2 trains its LightGBM and the baseline with `phase2.engine: dask` (unless `--set
+phase2.engine=local`). A `local:N` cluster is started by this script, so its worker processes and its scheduler
+(in this process) are counted in each stage's peak: the memory a cluster on one machine costs, beside the time.
+Workers of a remote scheduler are not counted.
 
 Targets (DESIGN section 6; this 2-core, 24 GB machine): 10M rows end to end in <= 40 min, whole-run peak RSS
 <= 8 GB, time per row at 10M within 1.5x of that at 1M, the all-features baseline included. The growth exponent of
@@ -91,10 +98,13 @@ for k, lo in enumerate(range(0, n_sym, block)):
 
 
 def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: dict | None = None,
-              data_dir: Path | None = None) -> dict:
-    "Wall seconds and the peak tree RSS of one stage, its output appended to `log`."
+              data_dir: Path | None = None, scheduler: str | None = None, watch_self: bool = False) -> dict:
+    """Wall seconds and the peak tree RSS of one stage, its output appended to `log`. `scheduler`: the address its
+    process sends work to; `watch_self`: count this process's whole tree (a LocalCluster started here), not only the
+    stage's."""
     t0 = time.perf_counter()
-    env = {**os.environ, 'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'PASSIVE'), 'IN_TEST': '1'}
+    env = {**os.environ, 'OMP_WAIT_POLICY': os.environ.get('OMP_WAIT_POLICY', 'PASSIVE'), 'IN_TEST': '1',
+           'PIPELINE_SCHEDULER': scheduler or 'none'}
     args = ([sys.executable, '-c', FILES_SCRIPT, str(n_sym), str(n_days), str(data_dir)] if stage == 'files' else
             [sys.executable, '-c', STAGE_SCRIPT, stage, str(n_sym), str(n_days), str(root), json.dumps(overrides or {}),
              str(data_dir or '')])
@@ -103,7 +113,7 @@ def run_stage(stage: str, n_sym: int, n_days: int, root: Path, log, overrides: d
     peak, stop = [0, 0], threading.Event()
     def sample():
         while not stop.is_set():
-            rss, anon = tree_rss(proc.pid)
+            rss, anon = tree_rss(os.getpid() if watch_self else proc.pid)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], anon); time.sleep(0.2)
     t = threading.Thread(target=sample, daemon=True); t.start()
     rc = proc.wait(); stop.set(); t.join()
@@ -140,11 +150,25 @@ def main(argv=None) -> int:
     ap.add_argument('--files', action='store_true', help='read each size from parquet files (blocks of 100 symbols), not the embedded market')
     ap.add_argument('--set', dest='sets', action='append', default=[], metavar='KEY=VALUE',
                     help='override one config key at every size, as run_notebooks.py --set does (repeatable)')
+    ap.add_argument('--scheduler', metavar='ADDRESS', help='local:N or a Dask scheduler address: features and Phase 2\'s '
+                    'LightGBM on the cluster (phase2.engine: dask unless --set says otherwise)')
     a = ap.parse_args(argv)
     from pipeline_lib.core.config import deep_merge
     from pipeline_lib.driver.schema import nest, parse_assignment
     overrides = {}
+    if a.scheduler: overrides = {'phase2': {'engine': 'dask'}}
     for text in a.sets: overrides = deep_merge(overrides, nest(*parse_assignment(text)))
+    if not a.scheduler: return measure(a, overrides, None)
+    from pipeline_lib.core.cluster import dask_client, parse_scheduler
+    local = parse_scheduler(a.scheduler)[0] == 'local'
+    with dask_client(a.scheduler) as client:
+        print(f'Dask scheduler {client.scheduler.address} ({a.scheduler}), {len(client.scheduler_info()["workers"])} '
+              f'worker(s)' + ('; its workers and scheduler are counted in every stage\'s peak RSS' if local else ''))
+        return measure(a, overrides, client.scheduler.address, watch_self=local)
+
+
+def measure(a, overrides: dict, scheduler: str | None, watch_self: bool = False) -> int:
+    "Every size and stage of `a` (the parsed flags); prints the figures and returns the exit status."
     sizes = [tuple(int(v) for v in s.split('x')) for s in a.sizes.split(',')]
     stages = [s for s in a.stages.split(',') if s]
     if bad := [s for s in stages if s not in STAGES]: ap.error(f'unknown stages {bad}')
@@ -163,14 +187,15 @@ def main(argv=None) -> int:
                 print(f'  {n_sym}x{n_days} market files: {r["seconds"]:.1f} s, peak RSS {gb(r["peak_rss"])}, '
                       f'{gb(disk_bytes(data_dir))} on disk' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]}'), flush=True)
             for st in stages:
-                r = run_stage(st, n_sym, n_days, root, log, overrides, data_dir); stage_res.append(r)
+                r = run_stage(st, n_sym, n_days, root, log, overrides, data_dir, scheduler, watch_self); stage_res.append(r)
                 print(f'  {n_sym}x{n_days} {st:8s} {r["seconds"]:8.1f} s  peak RSS {gb(r["peak_rss"])} (anonymous {gb(r["peak_anon"])})' + ('' if r['rc'] == 0 else f'  FAILED rc={r["rc"]} (see {root.with_suffix(".log")})'), flush=True)
                 if r['rc'] != 0: break
         mpath = root / 'reports' / 'metrics.json'
         metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
         rows = sum((metrics.get('phase1') or {}).get('rows', {}).values()) if metrics.get('phase1') else None
         best, ic, oracle = best_vs_oracle(metrics)
-        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'overrides': overrides, 'files': a.files, 'rows': rows or n_sym * n_days * 390,
+        res = {'size': f'{n_sym}x{n_days}', 'symbols': n_sym, 'days': n_days, 'overrides': overrides, 'files': a.files,
+               'scheduler': a.scheduler, 'rows': rows or n_sym * n_days * 390,
                'stages': stage_res, 'seconds': sum(r['seconds'] for r in stage_res),
                'peak_rss': max(r['peak_rss'] for r in stage_res), 'ok': all(r['rc'] == 0 for r in stage_res),
                'store_bytes': disk_bytes(root / 'cache' / 'features'),
