@@ -43,6 +43,24 @@ def test_without_a_scheduler_nothing_of_dask_is_imported(tmp_path):
 
 
 @pytest.mark.slow
+def test_scheduler_names_and_what_needs_one_are_checked_before_anything_runs(tmp_path):
+    root, nbs = make_root(tmp_path/'root'), demo_nbs(tmp_path/'nbs')
+    plan = lambda *args: drive(root, '--config', 'configs/quick.yaml', '--nbs-dir', nbs, '--dry-run', *args)[0]
+    p = plan('--scheduler', 'local:0')
+    assert p.returncode == 2 and 'local:N with N >= 1' in p.stderr
+    p = plan('--set', 'phase2.engine=dask')
+    assert p.returncode == 2 and 'phase2.engine: dask' in p.stderr and 'no scheduler is set' in p.stderr
+    settings = root/'settings.ini'   # settings.ini's scheduler is the default, and --scheduler none turns it off
+    settings.write_text(settings.read_text().replace('\nscheduler =', '\nscheduler = local:2'))
+    p = plan('--grid', 'phase1.n_features=5,8', '--set', 'phase2.engine=dask')
+    assert p.returncode == 2 and 'in a --grid on a cluster' in p.stderr
+    p = plan('--grid', 'phase1.n_features=5,8')
+    assert p.returncode == 0 and '2 run(s), phases 1 2, on the Dask cluster local:2' in p.stdout, p.stdout + p.stderr
+    p = plan('--grid', 'phase1.n_features=5,8', '--scheduler', 'none')
+    assert p.returncode == 0 and '2 run(s), phases 1 2, workers 1' in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.slow
 def test_feature_store_built_on_the_cluster_equals_the_local_one(cluster, tmp_path):
     b = realistic_bars(5, 900, seed=11)
     local = fc.build_store(b, cache_dir=tmp_path/'local', partition_rows=1000, progress=False)

@@ -294,6 +294,8 @@ def _on_cluster(plan: Plan, env: dict, progress: bool, say) -> dict:
         for d in (plan.reports_base, *{r.artifact_root.parent for r in plan.runs}, _kernel_dir(plan.root)):
             Path(d).mkdir(parents=True, exist_ok=True)
             require_shared_path(client, d)
+        for d in {Path(r.data_dir) for r in plan.runs if r.data_dir}:
+            require_shared_path(client, d if d.is_dir() else d.parent)
         threads = _threads_per_worker(client)
         return _gather(client.get_executor(pure=False), [(r, (_worker, r, plan, env, threads)) for r in plan.runs], plan, say)
 
@@ -302,6 +304,8 @@ def execute_plan(plan: Plan, progress: bool = True, say=say) -> int:
     env = environment_info(plan.root, plan.settings.get('device', 'auto'))
     t0 = time.perf_counter()
     outcome = {}
+    # the driver's choice of scheduler is its kernels' too: with none, settings.ini's is not read again there
+    no_cluster = temp_environ(**{SCHEDULER_ENV: NO_SCHEDULER}) if not plan.scheduler else contextlib.nullcontext()
     try:
         if plan.scheduler:
             outcome = _on_cluster(plan, env, progress, say)
@@ -310,10 +314,11 @@ def execute_plan(plan: Plan, progress: bool = True, say=say) -> int:
             from concurrent.futures import ProcessPoolExecutor
             n = min(plan.workers, len(plan.runs))
             threads = max(1, (os.cpu_count() or 1) // n)
-            with ProcessPoolExecutor(n, mp_context=mp.get_context('spawn')) as ex:
+            with no_cluster, ProcessPoolExecutor(n, mp_context=mp.get_context('spawn')) as ex:
                 outcome = _gather(ex, [(r, (_worker, r, plan, env, threads, os.getpid())) for r in plan.runs], plan, say)
         else:
-            for r in plan.runs: outcome[r.name] = execute_run(r, plan, env, progress=progress, say=say)
+            with no_cluster:
+                for r in plan.runs: outcome[r.name] = execute_run(r, plan, env, progress=progress, say=say)
     except KeyboardInterrupt:
         say(f'\nInterrupted. Partly executed notebooks and logs are kept; {short_path(plan.reports_base/"index.html", plan.root)} '
             'lists what finished.', file=sys.stderr)
