@@ -337,6 +337,8 @@ def plan_runs(opts: Options, root=None) -> Plan:
     runs = name_runs(opts, settings, configs, phases, reports_base)
     check_injected_parameters(runs, phases)
     warnings = []   # sentences main() prints before running
+    if scheduler and opts.workers > 1:
+        warnings.append(f'--workers {opts.workers} is ignored with a scheduler: the cluster\'s workers take the runs.')
     data_dir, interval, bars = preflight_data(opts, settings, defaults, configs, warnings)
     check_feature_counts(configs)
     check_targets(configs, interval)
