@@ -31,6 +31,7 @@ class Member:
     n_valid: int = 0
     alpha: float = 1.0
     valid_mse: dict = field(default_factory=dict)
+    engine: dict | None = None
 
     @property
     def seconds_per_iteration(self): return self.seconds / self.n_iterations

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from ..core.cluster import require_shared_path
-from ..core.config import PipelineError
 from .store_rows import StoreRows
 from .tabular import LGBMFit, _finite_rows, _lgbm_matrix, fit_lgbm, mapped_array
 
