@@ -57,6 +57,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                   'pipeline_lib/core/cluster.py'),
                                            'pipeline_lib.core.cluster._distributed': ( 'core.cluster.html#_distributed',
                                                                                        'pipeline_lib/core/cluster.py'),
+                                           'pipeline_lib.core.cluster._local_cluster': ( 'core.cluster.html#_local_cluster',
+                                                                                         'pipeline_lib/core/cluster.py'),
                                            'pipeline_lib.core.cluster.dashboard_link': ( 'core.cluster.html#dashboard_link',
                                                                                          'pipeline_lib/core/cluster.py'),
                                            'pipeline_lib.core.cluster.dask_client': ( 'core.cluster.html#dask_client',

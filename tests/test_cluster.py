@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,27 @@ from synthetic import realistic_bars
 from test_runner import REPO, demo_nbs, drive, make_root
 
 
+ENVIRON_BEFORE_THE_CLUSTER = {}
+
+
 @pytest.fixture(scope='session')
 def cluster():
     "The address of a LocalCluster of 2 single-thread worker processes (TCP on localhost), closed after the session."
+    ENVIRON_BEFORE_THE_CLUSTER.update(os.environ)
     with dask_client('local:2') as client:
         assert client.scheduler.address.startswith('tcp://127.0.0.1:')
         client.wait_for_workers(2, timeout=60)
         yield client.scheduler.address
+
+
+def test_a_local_cluster_keeps_its_thread_settings_to_its_workers(cluster):
+    "Dask's nanny sets OMP_NUM_THREADS=1 where it spawns workers; kernels started here later must not inherit it."
+    from distributed import Client
+    changed = {k for k in set(os.environ) | set(ENVIRON_BEFORE_THE_CLUSTER)
+               if os.environ.get(k) != ENVIRON_BEFORE_THE_CLUSTER.get(k) and k != 'PYTEST_CURRENT_TEST'}
+    assert not changed, changed
+    with Client(cluster) as client:
+        assert set(client.run(lambda: os.environ.get('OMP_NUM_THREADS')).values()) == {'1'}
 
 
 def test_without_a_scheduler_nothing_of_dask_is_imported(tmp_path):

@@ -58,6 +58,20 @@ def _distributed():
         raise PipelineError('a scheduler was given but Dask is not installed: pip install -e ".[cluster]" '
                             '(dask[distributed] in the same environment on every worker)') from None
 
+def _local_cluster(distributed, dask, n_workers: int):
+    "A LocalCluster of `n_workers` single-thread worker processes that leaves this process's environment as it was."
+    before = dict(os.environ)
+    try:
+        with dask.config.set({'distributed.scheduler.allowed-failures': ALLOWED_FAILURES}):
+            cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=':0', silence_logs=logging.ERROR)
+    finally:
+        for k in set(os.environ) - set(before): del os.environ[k]
+        os.environ.update(before)
+    for nanny in cluster.workers.values():
+        nanny.pre_spawn_env = {}   # a worker restarted after a death gets them in its own environment instead
+    return cluster
+
 @contextmanager
 def dask_client(spec, *, timeout: float = 30):
     """`with dask_client('local:2') as client`: a `distributed.Client` connected to the scheduler `spec` names (see
@@ -75,9 +89,7 @@ def dask_client(spec, *, timeout: float = 30):
         try: yield client
         finally: client.close()   # closed explicitly, not as a context manager: a notebook may open it in one cell
         return                    # and close it in another, and Client's `with` ties it to the cell's context
-    with dask.config.set({'distributed.scheduler.allowed-failures': ALLOWED_FAILURES}):
-        cluster = distributed.LocalCluster(n_workers=kind[1], threads_per_worker=1, processes=True,
-                                           dashboard_address=':0', silence_logs=logging.ERROR)
+    cluster = _local_cluster(distributed, dask, kind[1])
     try:
         client = distributed.Client(cluster)
         try: yield client
