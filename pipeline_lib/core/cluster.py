@@ -58,9 +58,10 @@ def _distributed():
         raise PipelineError('a scheduler was given but Dask is not installed: pip install -e ".[cluster]" '
                             '(dask[distributed] in the same environment on every worker)') from None
 
-def _local_cluster(distributed, dask, n_workers: int):
+def _local_cluster(n_workers: int):
     "A LocalCluster of `n_workers` single-thread worker processes that leaves this process's environment as it was."
-    before = dict(os.environ)
+    import dask
+    distributed, before = _distributed(), dict(os.environ)
     try:
         with dask.config.set({'distributed.scheduler.allowed-failures': ALLOWED_FAILURES}):
             cluster = distributed.LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
@@ -69,7 +70,7 @@ def _local_cluster(distributed, dask, n_workers: int):
         for k in set(os.environ) - set(before): del os.environ[k]
         os.environ.update(before)
     for nanny in cluster.workers.values():
-        nanny.pre_spawn_env = {}   # a worker restarted after a death gets them in its own environment instead
+        nanny.pre_spawn_env = {}   # a restarted worker still gets the variables: the nanny sets them in the child too
     return cluster
 
 @contextmanager
@@ -80,7 +81,6 @@ def dask_client(spec, *, timeout: float = 30):
     kind = parse_scheduler(spec)
     if kind is None: raise PipelineError('dask_client needs a scheduler: local:N or an address')
     distributed = _distributed()
-    import dask
     if kind[0] == 'address':
         try: client = distributed.Client(kind[1], timeout=timeout)
         except (OSError, TimeoutError) as e:
@@ -89,7 +89,7 @@ def dask_client(spec, *, timeout: float = 30):
         try: yield client
         finally: client.close()   # closed explicitly, not as a context manager: a notebook may open it in one cell
         return                    # and close it in another, and Client's `with` ties it to the cell's context
-    cluster = _local_cluster(distributed, dask, kind[1])
+    cluster = _local_cluster(kind[1])
     try:
         client = distributed.Client(cluster)
         try: yield client
